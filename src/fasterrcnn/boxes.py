@@ -1,0 +1,107 @@
+"""Box conventions and the box coder.
+
+Conventions, written once here and referred to everywhere else:
+
+* Boxes are float tensors ``(..., 4)`` in ``(x1, y1, x2, y2)`` order, in *continuous* pixel
+  coordinates: the origin is the top-left corner of the top-left pixel, so a box that covers
+  pixel columns ``i..j`` (0-based, inclusive) spans ``x1 = i`` to ``x2 = j + 1`` and its width is
+  ``x2 - x1``.
+* PASCAL VOC annotations store 1-based, inclusive pixel indices ``xmin..xmax``.
+  :func:`voc_to_boxes` and :func:`boxes_to_voc` are the only conversion: ``x1 = xmin - 1``,
+  ``x2 = xmax``. Under this mapping the devkit's "+1" widths, areas and IoUs are exactly the plain
+  continuous ones, so nothing downstream adds or subtracts 1.
+* Labels: 0 is background, the dataset's classes are ``1..K``; a label of -1 means "ignored"
+  in sampled targets.
+* Deltas are ``(dx, dy, dw, dh)`` as in the paper:
+  ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``, ``dw = log(gw / pw)``, ``dh = log(gh / ph)``
+  with ``(px, py, pw, ph)`` the centre and size of the reference box (anchor or RoI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# exp() of a larger dw/dh would make a box more than 1000/16 times its reference: torchvision's clamp.
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def voc_to_boxes(voc: Tensor) -> Tensor:
+    """VOC ``(xmin, ymin, xmax, ymax)``, 1-based inclusive -> continuous ``(x1, y1, x2, y2)``.
+
+    >>> voc_to_boxes(torch.tensor([[1., 1., 10., 20.]]))
+    tensor([[ 0.,  0., 10., 20.]])
+    """
+    return voc - voc.new_tensor([1.0, 1.0, 0.0, 0.0])
+
+
+def boxes_to_voc(boxes: Tensor) -> Tensor:
+    """Inverse of :func:`voc_to_boxes`: continuous boxes -> VOC 1-based inclusive coordinates."""
+    return boxes + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
+
+
+def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirror ``(N, 4)`` boxes in an image ``width`` pixels wide (continuous coordinates)."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((width - x2, y1, width - x1, y2), dim=-1)
+
+
+class BoxCoder:
+    """Encodes boxes as deltas relative to reference boxes, and decodes them back.
+
+    Holds only the normalisation and the clamp. Targets are normalised as
+    ``(delta - mean) / std``: the RPN uses mean 0 and std 1; the RoI head uses the paper
+    recipe's std ``(0.1, 0.1, 0.2, 0.2)``, which is torchvision's weights ``(10, 10, 5, 5)``.
+
+    Shapes broadcast: ``reference (..., 4)`` against ``boxes``/``deltas (..., 4)``, so a
+    class-specific decode is ``decode(rois[:, None], deltas.view(R, K + 1, 4))``.
+
+    >>> coder = BoxCoder(std=(0.1, 0.1, 0.2, 0.2))
+    >>> ref = torch.tensor([[0., 0., 10., 10.]])
+    >>> coder.encode(ref, torch.tensor([[1., 0., 11., 10.]]))
+    tensor([[1., 0., 0., 0.]])
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        scale_clamp: float = DEFAULT_SCALE_CLAMP,
+    ) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.scale_clamp = float(scale_clamp)
+
+    def __repr__(self) -> str:
+        return f"BoxCoder(mean={self.mean}, std={self.std})"
+
+    def encode(self, reference: Tensor, boxes: Tensor) -> Tensor:
+        """Deltas ``(..., 4)`` that move ``reference (..., 4)`` onto ``boxes (..., 4)``."""
+        pw = reference[..., 2] - reference[..., 0]
+        ph = reference[..., 3] - reference[..., 1]
+        px = reference[..., 0] + 0.5 * pw
+        py = reference[..., 1] + 0.5 * ph
+        gw = boxes[..., 2] - boxes[..., 0]
+        gh = boxes[..., 3] - boxes[..., 1]
+        gx = boxes[..., 0] + 0.5 * gw
+        gy = boxes[..., 1] + 0.5 * gh
+        deltas = torch.stack(((gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)), dim=-1)
+        return (deltas - deltas.new_tensor(self.mean)) / deltas.new_tensor(self.std)
+
+    def decode(self, reference: Tensor, deltas: Tensor) -> Tensor:
+        """Boxes ``(..., 4)`` obtained by applying normalised ``deltas`` to ``reference``."""
+        deltas = deltas * deltas.new_tensor(self.std) + deltas.new_tensor(self.mean)
+        reference = reference.to(deltas.dtype)
+        pw = reference[..., 2] - reference[..., 0]
+        ph = reference[..., 3] - reference[..., 1]
+        px = reference[..., 0] + 0.5 * pw
+        py = reference[..., 1] + 0.5 * ph
+        dx, dy, dw, dh = deltas.unbind(-1)
+        cx = px + dx * pw
+        cy = py + dy * ph
+        w = pw * torch.exp(dw.clamp(max=self.scale_clamp))
+        h = ph * torch.exp(dh.clamp(max=self.scale_clamp))
+        return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)

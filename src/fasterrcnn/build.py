@@ -1,0 +1,55 @@
+"""Building the objects of a run from its (Hydra) config: one place for the wiring."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fasterrcnn.data.datamodule import VOCDataModule
+from fasterrcnn.model import FasterRCNN
+
+# The config nodes that define the detector; a checkpoint stores them to rebuild it anywhere.
+MODEL_KEYS = ("backbone", "anchor", "sampler", "model")
+
+
+def to_container(cfg: Mapping | DictConfig) -> dict:
+    """A plain, resolved dict (safe to store in a checkpoint loaded with ``weights_only=True``)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return copy.deepcopy(dict(cfg))
+
+
+def model_config(cfg: DictConfig) -> dict:
+    """The detector's config: backbone, anchor, sampler, model and the class names."""
+    out = {key: to_container(cfg[key]) for key in MODEL_KEYS}
+    out["classes"] = list(cfg.data.classes)
+    return out
+
+
+def build_model(cfg: Mapping, pretrained: bool | None = None) -> FasterRCNN:
+    """The detector described by :func:`model_config`'s dict.
+
+    Args:
+        pretrained: override ``backbone.pretrained`` (False when the weights will come from a
+            checkpoint anyway, so no ImageNet download is attempted).
+    """
+    backbone_cfg = dict(cfg["backbone"])
+    if pretrained is not None and "pretrained" in backbone_cfg:
+        backbone_cfg["pretrained"] = pretrained
+    sampler = cfg["sampler"]
+    return instantiate(
+        cfg["model"],
+        backbone=instantiate(backbone_cfg),
+        num_classes=len(cfg["classes"]),
+        anchor_generator=instantiate(cfg["anchor"]),
+        anchor_target_creator=instantiate(sampler["anchor_target"]),
+        proposal_creator=instantiate(sampler["proposal"]),
+        proposal_target_creator=instantiate(sampler["proposal_target"]),
+    )
+
+
+def build_datamodule(cfg: DictConfig) -> VOCDataModule:
+    return instantiate(cfg.data, _convert_="all")

@@ -1,0 +1,233 @@
+"""The built-in dataset: a deterministic generator of VOC-layout detection data.
+
+Written on first use into ``<data_dir>/shapes-<hash>/`` (the hash covers every generator
+parameter, so changing one makes a new folder) and read back through the same VOC reader as real
+PASCAL VOC. It is meant to be VOC-like, not trivial:
+
+* six classes (circle, square, triangle, diamond, star, cross), each drawn in colours around its
+  own hue, stretched to aspect ratios (height / width) from 1:3 to 3:1;
+* 1 to 6 objects per image of about 16 px up to most of the image (a fifth of them under 32 px);
+* textured backgrounds (a colour gradient, low-frequency blotches, grey distractor blobs) and
+  pixel noise over everything;
+* objects overlap (later ones occlude earlier ones) and are cut by the image border; the box is
+  the visible extent, as VOC annotators draw it, with ``truncated`` set when the border cuts it;
+* an object is ``difficult`` when less than 40% of it is visible or its visible box is under
+  12 px, so, as in VOC, evaluation ignores it and training leaves it out.
+
+Images are 224 to 320 px by 288 to 400 px (a quarter of them portrait), stored as JPEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
+GENERATOR_VERSION = 2
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------- shapes on a (v, u) grid
+def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test of a shape on normalised coordinates ``u`` (right) and ``v`` (down), both in
+    [-1, 1] across the object's box."""
+    if name == "circle":
+        return u * u + v * v <= 1.0
+    if name == "square":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    if name == "triangle":  # apex at the top
+        return (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+    if name == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    if name == "star":  # five points
+        r = np.hypot(u, v)
+        theta = np.arctan2(v, u) + np.pi / 2
+        return r <= 0.62 + 0.38 * np.cos(5 * theta)
+    if name == "cross":
+        return ((np.abs(u) <= 0.34) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.34) & (np.abs(u) <= 1.0))
+    raise ValueError(f"unknown shape '{name}'")
+
+
+def hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    """One colour, ``h`` in degrees, ``s`` and ``v`` in [0, 1] -> RGB floats in [0, 255]."""
+    h = (h % 360.0) / 60.0
+    c = v * s
+    x = c * (1 - abs(h % 2 - 1))
+    rgb = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h) % 6]
+    return (np.array(rgb) + (v - c)) * 255.0
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Gradient between two greyish colours, low-frequency blotches and grey distractor blobs."""
+    c0 = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.9))
+    c1 = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.9))
+    t = np.linspace(0.0, 1.0, width if rng.random() < 0.5 else height)
+    ramp = t[None, :, None] if t.size == width else t[:, None, None]
+    image = c0 * (1 - ramp) + c1 * ramp + np.zeros((height, width, 3))
+    blotches = rng.normal(0.0, 18.0, (rng.integers(3, 8), rng.integers(3, 8)))
+    image += np.asarray(Image.fromarray(blotches.astype(np.float32)).resize((width, height), Image.BILINEAR))[..., None]
+    for _ in range(rng.integers(0, 4)):  # grey clutter that is not an object
+        w, h = rng.uniform(10, width / 3), rng.uniform(10, height / 3)
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        ys, xs = np.ogrid[:height, :width]
+        mask = ((xs + 0.5 - cx) / (w / 2)) ** 2 + ((ys + 0.5 - cy) / (h / 2)) ** 2 <= 1.0
+        image[mask] = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.15), rng.uniform(0.2, 0.9))
+    return image
+
+
+def _sample_size(rng: np.random.Generator, height: int, width: int) -> tuple[float, float]:
+    """Object width and height: side ``sqrt(w h)`` from 16 px to 80% of the shorter image side,
+    aspect ratio h / w log-uniform in [1/3, 3]."""
+    largest = 0.8 * min(height, width)
+    side = np.exp(rng.uniform(np.log(16), np.log(32))) if rng.random() < 0.2 else np.exp(rng.uniform(np.log(32), np.log(largest)))
+    aspect = np.exp(rng.uniform(np.log(1 / 3), np.log(3)))
+    w, h = side / np.sqrt(aspect), side * np.sqrt(aspect)
+    shrink = min(1.0, 0.95 * width / w, 0.95 * height / h)
+    return w * shrink, h * shrink
+
+
+def render_image(rng: np.random.Generator, classes: Sequence[str] = SHAPE_CLASSES) -> tuple[np.ndarray, list[dict]]:
+    """One image ``(H, W, 3)`` uint8 and its objects: ``name``, ``bbox`` (VOC 1-based inclusive
+    ``xmin, ymin, xmax, ymax`` of the visible part), ``truncated``, ``difficult``."""
+    height, width = int(rng.integers(224, 321)), int(rng.integers(288, 401))
+    if rng.random() < 0.25:
+        height, width = width, height
+    image = _background(rng, height, width)
+    owner = np.full((height, width), -1, dtype=np.int16)  # which object each pixel shows
+    hue_step = 360.0 / len(classes)
+    placed: list[tuple[str, float, np.ndarray]] = []  # name, full area, box
+    for _ in range(int(rng.integers(1, 7))):
+        label = int(rng.integers(len(classes)))
+        w, h = _sample_size(rng, height, width)
+        for _attempt in range(10):  # avoid heavy overlap with earlier objects
+            cx = rng.uniform(0.3 * w, width - 0.3 * w)
+            cy = rng.uniform(0.3 * h, height - 0.3 * h)
+            box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+            if all(_iou(box, other) < 0.4 for _, _, other in placed):
+                break
+        x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+        x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+        xs = (np.arange(x0, x1) + 0.5 - cx) / (w / 2)
+        ys = (np.arange(y0, y1) + 0.5 - cy) / (h / 2)
+        mask = shape_mask(classes[label], xs[None, :], ys[:, None])
+        area = float(mask.sum())
+        # paste the part inside the image
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        mask = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        colour = hsv_to_rgb(label * hue_step + rng.normal(0, hue_step / 6), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+        shade = 1.0 + rng.uniform(-0.15, 0.15) * ys[cy0 - y0 : cy1 - y0, None, None]  # a little shading
+        region = image[cy0:cy1, cx0:cx1]
+        region[mask] = (colour * shade * np.ones_like(region))[mask]
+        owner[cy0:cy1, cx0:cx1][mask] = len(placed)
+        placed.append((classes[label], area, box))
+    image += rng.normal(0.0, 8.0, image.shape)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+
+    objects = []
+    for index, (name, area, box) in enumerate(placed):
+        ys, xs = np.nonzero(owner == index)
+        if xs.size == 0:
+            continue  # fully hidden
+        xmin, xmax, ymin, ymax = int(xs.min()) + 1, int(xs.max()) + 1, int(ys.min()) + 1, int(ys.max()) + 1
+        visible = xs.size / max(area, 1.0)
+        side = np.sqrt((xmax - xmin + 1) * (ymax - ymin + 1))
+        truncated = box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height
+        objects.append(
+            {"name": name, "bbox": (xmin, ymin, xmax, ymax), "truncated": bool(truncated), "difficult": bool(visible < 0.4 or side < 12)}
+        )
+    return image, objects
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def annotation_xml(image_id: str, height: int, width: int, objects: list[dict]) -> str:
+    """A VOC annotation file's text."""
+    objs = "".join(
+        f"  <object>\n    <name>{o['name']}</name>\n    <pose>Unspecified</pose>\n"
+        f"    <truncated>{int(o['truncated'])}</truncated>\n    <difficult>{int(o['difficult'])}</difficult>\n"
+        f"    <bndbox><xmin>{o['bbox'][0]}</xmin><ymin>{o['bbox'][1]}</ymin><xmax>{o['bbox'][2]}</xmax><ymax>{o['bbox'][3]}</ymax></bndbox>\n"
+        "  </object>\n"
+        for o in objects
+    )
+    return (
+        f"<annotation>\n  <folder>shapes</folder>\n  <filename>{image_id}.jpg</filename>\n"
+        f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n{objs}</annotation>\n"
+    )
+
+
+# ---------------------------------------------------------------------- the dataset on disk
+def dataset_params(num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0) -> dict:
+    """Everything that determines the generated files (its hash names the folder)."""
+    return {
+        "version": GENERATOR_VERSION,
+        "classes": list(SHAPE_CLASSES),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "num_test": int(num_test),
+        "seed": int(seed),
+    }
+
+
+def params_hash(params: dict) -> str:
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def generate(root: str, params: dict, progress: bool = True) -> None:
+    """Write the dataset described by ``params`` into ``root`` (VOC layout). Image ``i`` uses
+    the random stream ``[seed, i]``, so every image is reproducible on its own."""
+    from tqdm.auto import tqdm
+
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    counts = [params[f"num_{s}"] for s in SPLITS]
+    ids = {s: [] for s in SPLITS}
+    offsets = np.cumsum([0] + counts)
+    total = int(offsets[-1])
+    for i in tqdm(range(total), desc=f"generating the built-in dataset in {root}", disable=not progress, unit="img"):
+        split = SPLITS[int(np.searchsorted(offsets, i, side="right")) - 1]
+        image_id = f"{i:06d}"
+        image, objects = render_image(np.random.default_rng([params["seed"], i]), params["classes"])
+        Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
+        with open(os.path.join(root, "Annotations", f"{image_id}.xml"), "w", encoding="utf-8") as f:
+            f.write(annotation_xml(image_id, image.shape[0], image.shape[1], objects))
+        ids[split].append(image_id)
+    ids["trainval"] = ids["train"] + ids["val"]
+    for split, split_ids in ids.items():
+        with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{i}\n" for i in split_ids))
+    with open(os.path.join(root, "generator.json"), "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=2)
+
+
+def ensure_dataset(data_dir: str, num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0, progress: bool = True) -> str:
+    """The folder of the built-in dataset with these parameters, generated on first use.
+
+    Generation writes into a temporary folder that is renamed when complete, so an interrupted
+    run or two runs at once never leave a half-written dataset behind.
+    """
+    params = dataset_params(num_train, num_val, num_test, seed)
+    root = os.path.join(data_dir, f"shapes-{params_hash(params)}")
+    if os.path.isfile(os.path.join(root, "generator.json")):
+        return root
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = f"{root}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate(tmp, params, progress=progress)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(root, "generator.json")):
+            raise
+    return root

@@ -1,0 +1,229 @@
+"""Faster R-CNN: backbone trunk -> RPN -> proposals -> RoI head.
+
+Shape legend: N images, (H, W) padded input size, (h, w) feature size, k anchors per location,
+A = h*w*k anchors, G_i ground-truth boxes of image i, R RoIs over the batch, K classes.
+
+Two entry points, so validation can compute both:
+
+* :meth:`FasterRCNN.losses` -> the four losses of the paper (and their sum) plus sampling stats;
+* :meth:`FasterRCNN.predict` -> detections per image in original image coordinates.
+
+Images arrive resized and normalised by the DataModule; the model does no resizing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from fasterrcnn.anchors import AnchorGenerator
+from fasterrcnn.backbones import Backbone
+from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator
+from fasterrcnn.heads import RoIHead, RPNHead
+from fasterrcnn.losses import classification_loss, localisation_loss, select_class_deltas
+
+Size = tuple[int, int]  # (height, width)
+
+
+class FasterRCNN(nn.Module):
+    """The detector. Every argument below is a config value (see ``conf/model``).
+
+    Args:
+        backbone: trunk, per-RoI head and their properties.
+        num_classes: K, background excluded.
+        anchor_generator: builds an :class:`AnchorGenerator` given the backbone's ``stride``.
+        anchor_target_creator, proposal_creator, proposal_target_creator: the paper's rules.
+        rpn_mid_channels: channels of the RPN's 3x3 conv (512 for VGG16); None = trunk channels.
+        roi_pooling: ``"roi_pool"`` (paper) or ``"roi_align"``.
+        rpn_sigma, roi_sigma: smooth L1 sigmas (3 and 1 in the reference).
+        focal_gamma, focal_alpha: focal loss for both classification losses (0 / None: plain
+            cross-entropy, the paper).
+        nms_thresh: per-class NMS IoU threshold at prediction (0.3).
+        score_thresh: detections below this class probability are dropped (0.05 to evaluate,
+            0.7 to visualise).
+        max_detections: keep at most this many detections per image (None: all, as the reference).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        anchor_generator: Callable[..., AnchorGenerator],
+        anchor_target_creator: AnchorTargetCreator,
+        proposal_creator: ProposalCreator,
+        proposal_target_creator: ProposalTargetCreator,
+        rpn_mid_channels: int | None = 512,
+        roi_pooling: str = "roi_pool",
+        rpn_sigma: float = 3.0,
+        roi_sigma: float = 1.0,
+        focal_gamma: float = 0.0,
+        focal_alpha: float | None = None,
+        nms_thresh: float = 0.3,
+        score_thresh: float = 0.05,
+        max_detections: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.trunk = backbone.trunk
+        self.stride = backbone.stride
+        self.anchor_generator = anchor_generator(stride=backbone.stride)
+        self.rpn = RPNHead(backbone.out_channels, self.anchor_generator.num_anchors, rpn_mid_channels or backbone.out_channels)
+        self.roi_head = RoIHead(
+            backbone.head,
+            backbone.head_out_features,
+            num_classes,
+            roi_size=backbone.roi_size,
+            spatial_scale=1.0 / backbone.stride,
+            pooling=roi_pooling,
+        )
+        self.anchor_target_creator = anchor_target_creator
+        self.proposal_creator = proposal_creator
+        self.proposal_target_creator = proposal_target_creator
+        self.rpn_sigma = rpn_sigma
+        self.roi_sigma = roi_sigma
+        self.focal_gamma = focal_gamma
+        self.focal_alpha = focal_alpha
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.max_detections = max_detections
+
+    # ------------------------------------------------------------------ shared stages
+    def rpn_forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Trunk and RPN head: features ``(N, C, h, w)``, logits ``(N, A, 2)``, deltas ``(N, A, 4)``,
+        anchors ``(A, 4)``."""
+        features = self.trunk(images)
+        logits, deltas = self.rpn(features)
+        anchors = self.anchor_generator(features.shape[-2], features.shape[-1])
+        return features, logits, deltas, anchors
+
+    def proposals(
+        self,
+        logits: Tensor,
+        deltas: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        training: bool,
+    ) -> list[Tensor]:
+        """ProposalCreator on each image: a list of N ``(R_i, 4)`` tensors."""
+        fg = logits.detach().softmax(dim=-1)[..., 1]  # (N, A)
+        return [
+            self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training)
+            for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
+        ]
+
+    # ------------------------------------------------------------------ training
+    def losses(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+    ) -> dict[str, Tensor]:
+        """The four losses and their sum, with the training proposal counts.
+
+        Args:
+            images: ``(N, 3, H, W)`` normalised, zero-padded.
+            image_sizes: ``(h, w)`` of each image before padding; original_sizes: before resizing.
+            gt_boxes: N tensors ``(G_i, 4)`` in input coordinates; gt_labels: N ``(G_i,)`` in 1..K.
+        Returns:
+            ``rpn_cls, rpn_loc, roi_cls, roi_loc, loss`` (differentiable) and the detached counts
+            ``num_pos_anchors, num_pos_rois`` (per image, averaged over the batch).
+        """
+        n = images.shape[0]
+        features, logits, deltas, anchors = self.rpn_forward(images)
+
+        # RPN targets: (N, A) labels and (N, A, 4) deltas.
+        rpn_targets = [self.anchor_target_creator(anchors, gt_boxes[i], image_sizes[i]) for i in range(n)]
+        rpn_labels = torch.stack([t[0] for t in rpn_targets])
+        rpn_gt_deltas = torch.stack([t[1] for t in rpn_targets])
+
+        # RoI head targets on the sampled proposals.
+        proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=True)
+        sampled = [self.proposal_target_creator(proposals[i], gt_boxes[i], gt_labels[i]) for i in range(n)]
+        rois = torch.cat([s[0] for s in sampled])  # (R, 4)
+        roi_labels = torch.cat([s[1] for s in sampled])  # (R,)
+        roi_gt_deltas = torch.cat([s[2] for s in sampled])  # (R, 4)
+        batch_index = torch.cat([torch.full((s[0].shape[0],), i, device=rois.device) for i, s in enumerate(sampled)])
+        cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
+
+        losses = {
+            "rpn_cls": classification_loss(logits.reshape(-1, 2), rpn_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
+            "rpn_loc": localisation_loss(deltas.reshape(-1, 4), rpn_gt_deltas.reshape(-1, 4), rpn_labels.reshape(-1), self.rpn_sigma),
+            "roi_cls": classification_loss(cls_logits, roi_labels, self.focal_gamma, self.focal_alpha),
+            "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_gt_deltas, roi_labels, self.roi_sigma),
+        }
+        losses["loss"] = losses["rpn_cls"] + losses["rpn_loc"] + losses["roi_cls"] + losses["roi_loc"]
+        losses["num_pos_anchors"] = (rpn_labels == 1).sum().float() / n
+        losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        return_proposals: bool = False,
+    ) -> list[dict[str, Tensor]]:
+        """Detections with the testing proposal counts.
+
+        Returns:
+            per image a dict with ``boxes (D, 4)`` in original image coordinates,
+            ``scores (D,)``, ``labels (D,)`` in 1..K, sorted by decreasing score; with
+            ``return_proposals`` also ``proposals (R_i, 4)`` in original coordinates.
+        """
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
+        features, logits, deltas, anchors = self.rpn_forward(images)
+        proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=False)
+        rois = torch.cat(proposals)
+        batch_index = torch.cat([torch.full((p.shape[0],), i, device=rois.device) for i, p in enumerate(proposals)])
+        cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
+        probs = cls_logits.float().softmax(dim=-1)  # (R, K+1)
+        boxes = self.proposal_target_creator.coder.decode(rois[:, None, :], roi_deltas.float())  # (R, K+1, 4)
+
+        results = []
+        for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), proposals)):
+            result = self.postprocess(probs_i, boxes_i, image_sizes[i], original_sizes[i], score_thresh, nms_thresh)
+            if return_proposals:
+                result["proposals"] = to_original(rois_i, image_sizes[i], original_sizes[i])
+            results.append(result)
+        return results
+
+    def postprocess(
+        self, probs: Tensor, boxes: Tensor, image_size: Size, original_size: Size, score_thresh: float, nms_thresh: float
+    ) -> dict[str, Tensor]:
+        """One image: drop the background, threshold, per-class NMS in one batched call.
+
+        Args:
+            probs: ``(R, K+1)`` class probabilities; boxes: ``(R, K+1, 4)`` class-specific boxes.
+        """
+        boxes = clip_boxes_to_image(boxes[:, 1:], image_size)  # (R, K, 4)
+        scores = probs[:, 1:]  # (R, K)
+        labels = torch.arange(1, self.num_classes + 1, device=probs.device).expand_as(scores)
+        boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+        keep = scores > score_thresh
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, nms_thresh)  # sorted by decreasing score
+        if self.max_detections is not None:
+            keep = keep[: self.max_detections]
+        return {"boxes": to_original(boxes[keep], image_size, original_size), "scores": scores[keep], "labels": labels[keep]}
+
+
+def len_list(tensors: Sequence[Tensor]) -> list[int]:
+    return [t.shape[0] for t in tensors]
+
+
+def to_original(boxes: Tensor, image_size: Size, original_size: Size) -> Tensor:
+    """Map ``(M, 4)`` boxes from the resized image back to the original image."""
+    sy = original_size[0] / image_size[0]
+    sx = original_size[1] / image_size[1]
+    return boxes * boxes.new_tensor([sx, sy, sx, sy])

@@ -1,0 +1,139 @@
+"""``train(cfg)``: one training run from a composed config. ``src/train.py`` is a thin Hydra
+entry point around it; tests call it directly with a composed config."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from fasterrcnn.build import build_datamodule, model_config
+from fasterrcnn.lit import FasterRCNNModule
+from fasterrcnn.metrics_file import MetricsFile, write_json
+
+log = logging.getLogger(__name__)
+
+
+def wandb_has_credentials() -> bool:
+    """True when wandb could sync online: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def hydra_run_info() -> tuple[list[str], str | None, str | None]:
+    """The run's command-line overrides, a run name made from them and, in a multirun, a group
+    shared by all jobs of the sweep."""
+    if not HydraConfig.initialized():
+        return [], None, None
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    name = hc.job.override_dirname or hc.job.name
+    group = None
+    if hc.mode == RunMode.MULTIRUN:
+        group = os.path.basename(os.path.normpath(hc.sweep.dir))
+        name = f"{hc.job.num}:{name}"
+    return overrides, name, group
+
+
+def build_loggers(cfg: DictConfig, output_dir: str, name: str | None, group: str | None) -> list[Logger]:
+    """Instantiate ``cfg.logger`` (a dict of loggers; empty for ``logger=none``).
+
+    wandb runs offline when no credentials are found (or ``logger.wandb.offline=true``), keeping
+    its folder inside the run's output directory.
+    """
+    loggers = []
+    for key, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        if key == "wandb":
+            offline = node.get("offline")
+            kwargs = {
+                "offline": (not wandb_has_credentials()) if offline is None else bool(offline),
+                "save_dir": output_dir,
+                "name": node.get("name") or name,
+                "group": node.get("group") or group,
+            }
+        loggers.append(instantiate(node, **kwargs))
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train and validate Faster R-CNN as ``cfg`` says; returns the contents of ``metrics.json``.
+
+    Writes into ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (best by
+    ``val/map`` and last), the loggers' folders and ``metrics.json``.
+    """
+    output_dir = cfg.paths.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
+    overrides, name, group = hydra_run_info()
+    metrics = MetricsFile(os.path.join(output_dir, "metrics.json"), overrides=overrides, output_dir=output_dir)
+    metrics.write()
+    loggers: list[Logger] = []
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg)
+        module = FasterRCNNModule(model_config(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True), use_07_metric=cfg.use_07_metric)
+        loggers = build_loggers(cfg, output_dir, name, group)
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        callbacks = [
+            ModelCheckpoint(
+                dirpath=os.path.join(output_dir, "checkpoints"),
+                filename="epoch{epoch:03d}-map{val/map:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/map",
+                mode="max",
+                save_last=True,
+            ),
+            metrics,
+        ]
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.interrupted:
+            return metrics.data
+        # Stopped between validations (max_steps, limit_train_batches): validate the final weights.
+        if metrics.data["final"].get("step") != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.write(trainer, status="completed")
+        return metrics.data
+    except BaseException as err:
+        if metrics.data["status"] == "running":
+            interrupted = isinstance(err, KeyboardInterrupt)
+            metrics.write(status="interrupted" if interrupted else "failed", error=None if interrupted else repr(err))
+        raise
+    finally:
+        for lg in loggers:
+            if isinstance(lg, WandbLogger):
+                _finish_wandb(lg)
+
+
+def _finish_wandb(logger: WandbLogger) -> None:
+    """Close the wandb run (so multirun jobs never merge) and say how to sync an offline one."""
+    import wandb
+
+    run = logger.experiment if logger._experiment is not None else None
+    offline = logger._offline
+    run_dir = getattr(run, "dir", None)
+    wandb.finish()
+    if offline and run_dir:
+        log.info("wandb ran offline; to upload this run: wandb sync %s", os.path.dirname(run_dir))
+        print(f"wandb ran offline; to upload this run: wandb sync {os.path.dirname(run_dir)}", flush=True)
+
+
+__all__ = ["train", "write_json"]

@@ -1,0 +1,38 @@
+"""Train Faster R-CNN: ``python src/train.py [overrides]`` (Hydra; see conf/train.yaml).
+
+    python src/train.py                                # built-in shapes data, CPU default
+    python src/train.py anchor=k9 sampler=default      # swap config groups
+    python src/train.py -m anchor=k3_scales,k9,k15     # a sweep, one output folder per job
+    python src/train.py experiment=voc07_vgg16         # the paper's recipe on VOC2007
+"""
+
+import logging
+import math
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fasterrcnn.training import train
+
+log = logging.getLogger(__name__)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Returns the best validation mAP (the value a Hydra sweeper optimises)."""
+    try:
+        metrics = train(cfg)
+    except Exception:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep a failed job is recorded (metrics.json says "failed") and the sweep goes on.
+        log.exception("job %s failed; continuing the sweep", HydraConfig.get().job.num)
+        return math.nan
+    best = metrics.get("best", {}).get("val/map")
+    return math.nan if best is None else best
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+import torch
+from torchvision.ops import box_iou
+
+from fasterrcnn.boxes import BoxCoder
+from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator, subsample_labels
+
+
+def _boxes(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_subsample_labels_caps_positives_and_fills_with_negatives():
+    labels = torch.tensor([1] * 200 + [0] * 1000 + [-1] * 50)
+    for _ in range(5):
+        out = subsample_labels(labels, num_samples=256, positive_fraction=0.5)
+        assert int((out == 1).sum()) == 128
+        assert int((out == 0).sum()) == 128
+        assert bool(((out == 1) <= (labels == 1)).all()) and bool(((out == 0) <= (labels == 0)).all())
+
+
+def test_subsample_labels_few_positives_more_negatives():
+    labels = torch.tensor([1] * 10 + [0] * 1000)
+    out = subsample_labels(labels, num_samples=256, positive_fraction=0.5)
+    assert int((out == 1).sum()) == 10
+    assert int((out == 0).sum()) == 246
+
+
+def test_subsample_labels_is_uniform_over_positives():
+    labels = torch.tensor([1] * 4 + [0] * 10)
+    counts = torch.zeros(4)
+    for _ in range(2000):
+        counts += (subsample_labels(labels, num_samples=4, positive_fraction=0.5)[:4] == 1).float()
+    # each positive is kept with probability 2/4
+    assert torch.allclose(counts / 2000, torch.full((4,), 0.5), atol=0.05)
+
+
+# ----------------------------------------------------------------------------- AnchorTargetCreator
+def test_anchor_target_only_inside_anchors_are_labelled():
+    anchors = _boxes([0, 0, 10, 10], [-1, 0, 9, 10], [90, 90, 101, 100], [20, 20, 30, 30])
+    gt = _boxes([0, 0, 10, 10])
+    labels, _ = AnchorTargetCreator(n_sample=256)(anchors, gt, (100, 100))
+    assert labels.tolist() == [1, -1, -1, 0]
+
+
+def test_anchor_target_thresholds_and_ties():
+    gt = _boxes([0, 0, 10, 10], [50, 50, 60, 60])
+    anchors = _boxes(
+        [0, 0, 10, 10],  # IoU 1 with gt0 -> positive
+        [0, 0, 10, 12],  # IoU 10/12 = 0.83 >= 0.7 -> positive
+        [0, 0, 10, 20],  # IoU 0.5: neither -> ignored
+        [0, 0, 30, 30],  # IoU 0.11 < 0.3 -> negative
+        [50, 50, 60, 70],  # IoU 0.5 with gt1, the best for gt1 (tie) -> positive
+        [50, 40, 60, 60],  # IoU 0.5 with gt1, also best (tie) -> positive
+        [70, 70, 80, 80],  # IoU 0 -> negative
+    )
+    labels, deltas = AnchorTargetCreator(n_sample=256)(anchors, gt, (100, 100))
+    assert labels.tolist() == [1, 1, -1, 0, 1, 1, 0]
+    # regression targets for positives, zero elsewhere
+    expected = BoxCoder().encode(anchors[[0, 1, 4, 5]], gt[[0, 0, 1, 1]])
+    torch.testing.assert_close(deltas[[0, 1, 4, 5]], expected)
+    assert bool((deltas[[2, 3, 6]] == 0).all())
+
+
+def test_anchor_target_no_object_image_gives_only_negatives():
+    anchors = _boxes(*[[i, i, i + 10, i + 10] for i in range(0, 80, 2)])
+    labels, deltas = AnchorTargetCreator(n_sample=16)(anchors, torch.zeros(0, 4), (100, 100))
+    assert int((labels == 1).sum()) == 0
+    assert int((labels == 0).sum()) == 16
+    assert bool((deltas == 0).all())
+
+
+def test_anchor_target_sample_caps():
+    # 300 anchors identical to the gt (all positive) and 700 far away (negative)
+    anchors = torch.cat((_boxes([10, 10, 40, 40]).repeat(300, 1), _boxes([60, 60, 90, 90]).repeat(700, 1)))
+    labels, _ = AnchorTargetCreator(n_sample=256, pos_ratio=0.5)(anchors, _boxes([10, 10, 40, 40]), (100, 100))
+    assert int((labels == 1).sum()) == 128
+    assert int((labels == 0).sum()) == 128
+
+
+def test_anchor_target_gt_without_inside_overlap_claims_nothing():
+    anchors = _boxes([0, 0, 10, 10], [20, 20, 30, 30])
+    labels, _ = AnchorTargetCreator()(anchors, _boxes([60, 60, 70, 70]), (100, 100))
+    assert labels.tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------- ProposalCreator
+def test_proposal_creator_counts_min_size_and_nms():
+    creator = ProposalCreator(nms_thresh=0.7, n_train_pre_nms=4, n_train_post_nms=2, n_test_pre_nms=5, n_test_post_nms=3, min_size=16)
+    anchors = _boxes(
+        [0, 0, 40, 40],  # score .9
+        [1, 1, 41, 41],  # .8, IoU .9 with the first -> suppressed by NMS
+        [50, 50, 90, 90],  # .7
+        [0, 50, 40, 90],  # .6
+        [50, 0, 90, 40],  # .5
+        [0, 0, 10, 10],  # .95 but 10 px < 16 -> dropped
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.95])
+    deltas = torch.zeros(6, 4)
+    train = creator(deltas, scores, anchors, (100, 100), scale=1.0, training=True)
+    torch.testing.assert_close(train, anchors[[0, 2]])  # top 4 -> NMS drops #1 -> keep 2
+    test = creator(deltas, scores, anchors, (100, 100), scale=1.0, training=False)
+    torch.testing.assert_close(test, anchors[[0, 2, 3]])
+    # at scale 0.5, min_size is 8 px in the resized image: the 10 px box survives
+    half = creator(deltas, scores, anchors, (100, 100), scale=0.5, training=False)
+    torch.testing.assert_close(half[0], anchors[5])
+
+
+def test_proposal_creator_decodes_and_clips():
+    creator = ProposalCreator(min_size=1)
+    anchors = _boxes([80, 80, 120, 120])
+    out = creator(torch.tensor([[0.25, 0.0, 0.0, 0.0]]), torch.tensor([0.9]), anchors, (100, 100), training=False)
+    torch.testing.assert_close(out, _boxes([90, 80, 100, 100]))
+
+
+def test_proposals_carry_no_gradient():
+    deltas = torch.zeros(3, 4, requires_grad=True)
+    scores = torch.tensor([0.3, 0.2, 0.1], requires_grad=True)
+    out = ProposalCreator(min_size=1)(deltas, scores, _boxes([0, 0, 20, 20], [30, 30, 60, 60], [5, 60, 40, 90]), (100, 100))
+    assert not out.requires_grad
+
+
+# ----------------------------------------------------------------------------- ProposalTargetCreator
+def _many_rois(gt, n=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 150
+    wh = 10 + torch.rand(n, 2, generator=g) * 80
+    rois = torch.cat((xy, xy + wh), dim=1)
+    # and some near-copies of the ground truth
+    jitter = gt.repeat(60, 1) + torch.randn(60 * gt.shape[0], 4, generator=g) * 2
+    return torch.cat((rois, jitter))
+
+
+def test_proposal_target_fractions_and_labels():
+    gt = _boxes([10, 10, 60, 60], [100, 100, 180, 150])
+    gt_labels = torch.tensor([3, 7])
+    rois = _many_rois(gt)
+    creator = ProposalTargetCreator()
+    sample_rois, labels, deltas = creator(rois, gt, gt_labels)
+    assert sample_rois.shape == (128, 4) and labels.shape == (128,) and deltas.shape == (128, 4)
+    fg = labels >= 1
+    assert int(fg.sum()) == 32  # 25% of 128
+    assert int((labels == 0).sum()) == 96
+    iou = box_iou(sample_rois, gt)
+    max_iou, matched = iou.max(1)
+    assert bool((max_iou[fg] >= 0.5).all()) and bool((max_iou[~fg] < 0.5).all())
+    torch.testing.assert_close(labels[fg], gt_labels[matched[fg]])
+
+
+def test_proposal_target_normalises_by_mean_and_std():
+    gt = _boxes([10, 10, 60, 60])
+    creator = ProposalTargetCreator(loc_normalize_mean=(0.0, 0.0, 0.0, 0.0), loc_normalize_std=(0.1, 0.1, 0.2, 0.2))
+    rois, labels, deltas = creator(_many_rois(gt), gt, torch.tensor([1]))
+    fg = labels >= 1
+    raw = BoxCoder().encode(rois[fg], gt.expand(int(fg.sum()), 4))
+    torch.testing.assert_close(deltas[fg], raw / torch.tensor([0.1, 0.1, 0.2, 0.2]))
+    assert bool((deltas[~fg] == 0).all())
+
+
+def test_proposal_target_adds_ground_truth_and_respects_lower_bound():
+    gt = _boxes([10, 10, 60, 60])
+    far = _boxes([100, 100, 150, 150], [120, 0, 160, 40])  # IoU 0 with the gt
+    near = _boxes([10, 10, 60, 120])  # IoU ~0.45: background in [0.1, 0.5)
+    creator = ProposalTargetCreator(neg_iou_thresh_lo=0.1)
+    rois, labels, _ = creator(torch.cat((far, near)), gt, torch.tensor([2]))
+    valid = labels >= 0
+    # the gt itself is foreground; the IoU-0 RoIs are below the 0.1 lower bound: not sampled
+    assert sorted(labels[valid].tolist()) == [0, 2]
+    assert rois.shape[0] == 4  # min(n_sample, R + G); the rest is ignored filler
+
+
+def test_proposal_target_no_objects():
+    rois = _boxes([0, 0, 10, 10], [5, 5, 30, 30])
+    sample_rois, labels, deltas = ProposalTargetCreator()(rois, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert labels.tolist() == [0, 0]
+    assert bool((deltas == 0).all())

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from fasterrcnn.build import build_model, model_config
+
+from .conftest import compose_config
+
+
+def _model(overrides=()):
+    cfg = compose_config(["paths.output_dir=/tmp/unused", *overrides])
+    return build_model(model_config(cfg)), cfg
+
+
+def test_heads_have_the_papers_shapes_and_init():
+    model, cfg = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64"])
+    k = len(cfg.anchor.scales) * len(cfg.anchor.ratios)
+    num_classes = len(cfg.data.classes)
+    assert model.rpn.score.out_channels == 2 * k and model.rpn.loc.out_channels == 4 * k
+    assert model.roi_head.cls_score.out_features == num_classes + 1
+    assert model.roi_head.bbox_pred.out_features == 4 * (num_classes + 1)
+    assert abs(float(model.rpn.score.weight.detach().std()) - 0.01) < 0.002
+    assert abs(float(model.roi_head.bbox_pred.weight.detach().std()) - 0.001) < 0.0002
+    assert float(model.roi_head.bbox_pred.bias.abs().sum()) == 0.0
+
+
+def test_losses_and_predict_shapes():
+    model, cfg = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64"])
+    images = torch.randn(2, 3, 96, 128)
+    boxes = [torch.tensor([[10.0, 10.0, 60.0, 50.0]]), torch.zeros(0, 4)]  # the 2nd image has no object
+    labels = [torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
+    out = model.losses(images, [(96, 128), (80, 128)], [(192, 256), (160, 256)], boxes, labels)
+    for key in ("rpn_cls", "rpn_loc", "roi_cls", "roi_loc", "loss"):
+        assert out[key].ndim == 0 and torch.isfinite(out[key])
+    out["loss"].backward()
+    assert model.rpn.conv.weight.grad is not None and model.roi_head.cls_score.weight.grad is not None
+    model.eval()
+    dets = model.predict(images, [(96, 128), (80, 128)], [(192, 256), (160, 256)], score_thresh=0.0)
+    assert len(dets) == 2
+    for det, (h, w) in zip(dets, [(192, 256), (160, 256)]):
+        assert det["boxes"].shape[1] == 4 and det["scores"].shape == det["labels"].shape
+        assert bool((det["labels"] >= 1).all()) and bool((det["labels"] <= len(cfg.data.classes)).all())
+        # original image coordinates: clipped to the original size
+        assert float(det["boxes"][:, 2].max()) <= w and float(det["boxes"][:, 3].max()) <= h
+        assert bool((det["scores"][:-1] >= det["scores"][1:]).all())
+
+
+def test_predict_per_class_nms_in_one_call():
+    model, _ = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64"])
+    probs = torch.tensor([[0.1, 0.5, 0.4], [0.1, 0.45, 0.45]])  # 2 RoIs, 2 classes
+    boxes = torch.tensor([[0.0, 0, 10, 10]]).repeat(2, 3, 1)  # identical boxes for all classes
+    model.num_classes = 2
+    out = model.postprocess(probs, boxes, (20, 20), (20, 20), score_thresh=0.05, nms_thresh=0.3)
+    # NMS within a class keeps one box per class; the two classes do not suppress each other
+    assert sorted(out["labels"].tolist()) == [1, 2]
+    assert out["scores"].tolist() == pytest.approx([0.5, 0.45])
+
+
+def test_vgg16_backbone_structure_and_frozen_blocks():
+    from fasterrcnn.backbones import vgg16
+
+    bb = vgg16(pretrained=False, freeze_blocks=2)
+    convs = [m for m in bb.trunk if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 13 and bb.out_channels == 512 and bb.stride == 16
+    frozen = [not m.weight.requires_grad for m in convs]
+    assert frozen == [True] * 4 + [False] * 9  # conv1_1..conv2_2 frozen
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in list(bb.trunk)[-1:])
+    out = bb.trunk(torch.zeros(1, 3, 64, 96))
+    assert out.shape == (1, 512, 4, 6)
+    assert bb.head(torch.zeros(2, 512, 7, 7)).shape == (2, 4096)
+
+
+def test_resnet_c4_backbone():
+    from fasterrcnn.backbones import resnet_c4
+
+    bb = resnet_c4("resnet18", pretrained=False)
+    assert bb.trunk(torch.zeros(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    assert bb.head(torch.zeros(2, 256, 14, 14)).shape == (2, 512)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in bb.trunk.modules())
+
+
+def test_missing_pretrained_weights_give_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    from fasterrcnn.backbones import PretrainedWeightsError, vgg16
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    with pytest.raises(PretrainedWeightsError, match=r"vgg16-397923af\.pth.*backbone\.pretrained=false"):
+        vgg16(pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
+        vgg16(pretrained=True, weights_path=str(tmp_path / "nope.pth"))
