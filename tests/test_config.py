@@ -80,3 +80,16 @@ def test_backbone_groups_build(backbone):
 def test_roi_align_selectable():
     cfg = compose_config(BASE + ["model.roi_pooling=roi_align"])
     assert build_model(model_config(cfg)).roi_head.pooling == "roi_align"
+
+
+def test_default_run_and_its_way_back_to_the_paper():
+    cfg = compose_config(BASE)  # experiment=cpu_shapes
+    assert cfg.data.name == "shapes" and cfg.backbone._target_.endswith("tiny")
+    assert (cfg.sampler.proposal.n_train_pre_nms, cfg.sampler.proposal.n_train_post_nms) == (2000, 500)
+    assert (cfg.sampler.proposal.n_test_pre_nms, cfg.sampler.proposal.n_test_post_nms) == (6000, 300)
+    assert cfg.optim.optimizer == "adamw" and list(cfg.anchor.scales) == [1, 2, 4, 8, 16]
+    paper = compose_config(BASE + ["anchor=k9", "sampler=default", "optim=sgd"])
+    assert (paper.sampler.proposal.n_train_pre_nms, paper.sampler.proposal.n_train_post_nms) == (12000, 2000)
+    assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer == "sgd"
+    # every backbone composes with the default experiment
+    assert "widths" not in compose_config(BASE + ["backbone=vgg16"]).backbone

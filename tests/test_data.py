@@ -120,3 +120,29 @@ def test_detection_dataset_resizes_and_normalises(tmp_path):
     assert item["original_size"] == (40, 50)
     torch.testing.assert_close(item["boxes"], torch.tensor([[20.0, 20.0, 60.0, 40.0]]))
     torch.testing.assert_close(item["original_boxes"], torch.tensor([[10.0, 10.0, 30.0, 20.0]]))
+
+
+def test_parallel_generation_writes_the_same_files(tmp_path):
+    params = dataset_params(num_train=5, num_val=2, num_test=1, seed=3)
+    generate(str(tmp_path / "one"), params, progress=False, workers=1)
+    generate(str(tmp_path / "two"), params, progress=False, workers=2)
+    for sub in ("JPEGImages/000006.jpg", "Annotations/000003.xml", "ImageSets/Main/trainval.txt", "ImageSets/Main/test.txt"):
+        assert (tmp_path / "one" / sub).read_bytes() == (tmp_path / "two" / sub).read_bytes()
+    assert (tmp_path / "one" / "ImageSets/Main/test.txt").read_text() == "000007\n"
+
+
+def test_batch_moves_field_by_field():
+    item = {
+        "image": torch.ones(3, 4, 6),
+        "boxes": torch.zeros(1, 4),
+        "labels": torch.ones(1, dtype=torch.long),
+        "difficult": torch.zeros(1, dtype=torch.bool),
+        "original_boxes": torch.zeros(1, 4),
+        "original_size": (8, 12),
+        "image_id": "a",
+    }
+    batch = collate([item])
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+    assert moved.images.device.type == "meta" and moved.boxes[0].device.type == "meta" and moved.labels[0].device.type == "meta"
+    assert moved.image_sizes == [(4, 6)] and moved.original_sizes == [(8, 12)] and moved.image_ids == ["a"]

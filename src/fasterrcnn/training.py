@@ -3,7 +3,6 @@ entry point around it; tests call it directly with a composed config."""
 
 from __future__ import annotations
 
-import logging
 import netrc
 import os
 
@@ -19,7 +18,6 @@ from fasterrcnn.build import build_datamodule, model_config
 from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
 
-log = logging.getLogger(__name__)
 
 
 def wandb_has_credentials() -> bool:
@@ -132,7 +130,6 @@ def _finish_wandb(logger: WandbLogger) -> None:
     run_dir = getattr(run, "dir", None)
     wandb.finish()
     if offline and run_dir:
-        log.info("wandb ran offline; to upload this run: wandb sync %s", os.path.dirname(run_dir))
         print(f"wandb ran offline; to upload this run: wandb sync {os.path.dirname(run_dir)}", flush=True)
 
 

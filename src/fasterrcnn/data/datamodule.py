@@ -38,6 +38,25 @@ class DetectionBatch:
     def __len__(self) -> int:
         return len(self.image_sizes)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DetectionBatch:
+        """The batch with its tensors on ``device`` (itself when they are already there)."""
+        if self.images.device == torch.device(device):
+            return self
+
+        def move(tensors: list[Tensor]) -> list[Tensor]:
+            return [t.to(device, non_blocking=non_blocking) for t in tensors]
+
+        return DetectionBatch(
+            self.images.to(device, non_blocking=non_blocking),
+            self.image_sizes,
+            self.original_sizes,
+            move(self.boxes),
+            move(self.labels),
+            move(self.difficult),
+            move(self.original_boxes),
+            self.image_ids,
+        )
+
 
 def collate(items: Sequence[dict]) -> DetectionBatch:
     """Stack items of :class:`DetectionDataset` into a :class:`DetectionBatch`."""
@@ -203,6 +222,13 @@ class VOCDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """:meth:`DetectionBatch.to` (Lightning's generic recursion over the dataclass cost
+        about 5 ms a step on CPU)."""
+        if isinstance(batch, DetectionBatch):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -183,25 +183,42 @@ def params_hash(params: dict) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def generate(root: str, params: dict, progress: bool = True) -> None:
+def _write_image(root: str, params: dict, index: int) -> None:
+    """Render image ``index`` (random stream ``[seed, index]``) and write its JPEG and XML."""
+    image_id = f"{index:06d}"
+    image, objects = render_image(np.random.default_rng([params["seed"], index]), params["classes"])
+    Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
+    with open(os.path.join(root, "Annotations", f"{image_id}.xml"), "w", encoding="utf-8") as f:
+        f.write(annotation_xml(image_id, image.shape[0], image.shape[1], objects))
+
+
+def generate(root: str, params: dict, progress: bool = True, workers: int | None = None) -> None:
     """Write the dataset described by ``params`` into ``root`` (VOC layout). Image ``i`` uses
-    the random stream ``[seed, i]``, so every image is reproducible on its own."""
+    the random stream ``[seed, i]``, so every image is reproducible on its own and the result
+    does not depend on ``workers`` (processes; default: one per CPU core for large datasets)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     from tqdm.auto import tqdm
 
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    counts = [params[f"num_{s}"] for s in SPLITS]
-    ids = {s: [] for s in SPLITS}
-    offsets = np.cumsum([0] + counts)
+    offsets = np.cumsum([0] + [params[f"num_{s}"] for s in SPLITS])
     total = int(offsets[-1])
-    for i in tqdm(range(total), desc=f"generating the built-in dataset in {root}", disable=not progress, unit="img"):
-        split = SPLITS[int(np.searchsorted(offsets, i, side="right")) - 1]
-        image_id = f"{i:06d}"
-        image, objects = render_image(np.random.default_rng([params["seed"], i]), params["classes"])
-        Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
-        with open(os.path.join(root, "Annotations", f"{image_id}.xml"), "w", encoding="utf-8") as f:
-            f.write(annotation_xml(image_id, image.shape[0], image.shape[1], objects))
-        ids[split].append(image_id)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if total >= 200 else 1
+    write = partial(_write_image, root, params)
+    bar = tqdm(total=total, desc=f"generating the built-in dataset in {root}", disable=not progress, unit="img")
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(write, range(total), chunksize=16):
+                bar.update()
+    else:
+        for i in range(total):
+            write(i)
+            bar.update()
+    bar.close()
+    ids = {split: [f"{i:06d}" for i in range(int(offsets[k]), int(offsets[k + 1]))] for k, split in enumerate(SPLITS)}
     ids["trainval"] = ids["train"] + ids["val"]
     for split, split_ids in ids.items():
         with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:
