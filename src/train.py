@@ -21,15 +21,17 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the best validation mAP (the value a Hydra sweeper optimises)."""
+    """Returns the best validation mAP (the value a Hydra sweeper optimises; -inf for a failed
+    multirun job)."""
     try:
         metrics = train(cfg)
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         # In a sweep a failed job is recorded (metrics.json says "failed") and the sweep goes on.
+        # -inf, not NaN: the Optuna sweeper aborts the whole study on a NaN objective.
         log.exception("job %s failed; continuing the sweep", HydraConfig.get().job.num)
-        return math.nan
+        return -math.inf
     best = metrics.get("best", {}).get("val/map")
     return math.nan if best is None else best
 
