@@ -43,7 +43,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -53,13 +52,13 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from fasterrcnn.anchors import AnchorGenerator
-from fasterrcnn.build import build_datamodule
+from fasterrcnn import build
+from fasterrcnn.build import CONF_DIR, build_datamodule
 from fasterrcnn.creators import AnchorTargetCreator
 from fasterrcnn.data import DatasetError, collate
 from fasterrcnn.lit import training_targets
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 IOU_THRESHOLDS = (0.7, 0.5)
 Size = tuple[int, int]  # (height, width)
 
@@ -194,12 +193,9 @@ def anchor_groups() -> list[str]:
 
 
 def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with ``overrides``, writing to ``output_dir``, with ``backbone.pretrained``
-    off (only shapes are needed, never weights). Keeps the ``hydra`` node for the group choices."""
-    if not any(o.lstrip("+~").startswith("paths.output_dir=") for o in overrides):
-        overrides = [*overrides, f"paths.output_dir={output_dir}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    """conf/train.yaml with ``overrides`` (and the ``hydra`` node, for the group choices), with
+    ``backbone.pretrained`` off: only shapes are needed here, never weights."""
+    cfg = build.compose_config(overrides, output_dir, return_hydra_config=True)
     if "pretrained" in cfg.backbone:
         cfg.backbone.pretrained = False
     return cfg

@@ -28,18 +28,17 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
+from fasterrcnn import build
 from fasterrcnn.build import build_datamodule, build_model, model_config
 from fasterrcnn.data import collate
 from fasterrcnn.lit import FasterRCNNModule
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SETUP_STAGE = {"train": "fit", "val": "validate", "test": "test"}
 GT_COLOR = "yellow"
 # Class colours: tab10 without its green, red and grey (those mean positive, negative, background).
@@ -52,12 +51,8 @@ def class_color(label: int) -> tuple:
 
 # ---------------------------------------------------------------------------------- config
 def compose_cfg(overrides: list[str], out_dir: str) -> DictConfig:
-    """conf/train.yaml with the overrides; ``paths.output_dir`` (a Hydra runtime value) is set to
-    ``out_dir`` unless given."""
-    if not any(o.lstrip("+~").startswith("paths.output_dir=") for o in overrides):
-        overrides = [f"paths.output_dir={out_dir}", *overrides]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
+    """conf/train.yaml with the overrides, writing to ``out_dir`` unless they say otherwise."""
+    return build.compose_config(overrides, out_dir)
 
 
 def load_model(cfg: DictConfig, ckpt: str | None):

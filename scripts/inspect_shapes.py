@@ -19,28 +19,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
+from fasterrcnn import build
 from fasterrcnn.build import build_datamodule, build_model, model_config
 from fasterrcnn.data import DatasetError, DetectionBatch, collate
 from fasterrcnn.lit import training_targets
 from fasterrcnn.model import FasterRCNN
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 
 
 # ---------------------------------------------------------------------------- config, model, data
 def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with ``overrides`` and ``backbone.pretrained`` off (no weights needed)."""
-    if not any(o.lstrip("+~").startswith("paths.output_dir=") for o in overrides):
-        overrides = [*overrides, f"paths.output_dir={output_dir}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    """conf/train.yaml with ``overrides`` (and the ``hydra`` node, for the group choices), with
+    ``backbone.pretrained`` off: only shapes are needed here, never weights."""
+    cfg = build.compose_config(overrides, output_dir, return_hydra_config=True)
     if "pretrained" in cfg.backbone:
         cfg.backbone.pretrained = False
     return cfg

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fasterrcnn.data.datamodule import VOCDataModule
 from fasterrcnn.model import FasterRCNN
 
+# The repository's Hydra config tree (scripts and tests run from a checkout).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
 # The config nodes that define the detector; a checkpoint stores them to rebuild it anywhere.
 MODEL_KEYS = ("backbone", "anchor", "sampler", "model")
+
+
+def compose_config(overrides: Sequence[str], output_dir: str | Path, return_hydra_config: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed from Python with command-line style ``overrides``, as the
+    scripts need it: ``paths.output_dir`` (otherwise Hydra's runtime folder) is ``output_dir``
+    unless an override sets it."""
+    overrides = list(overrides)
+    if not any(o.lstrip("+~").startswith("paths.output_dir=") for o in overrides):
+        overrides.append(f"paths.output_dir={output_dir}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def to_container(cfg: Mapping | DictConfig) -> dict:
