@@ -58,7 +58,6 @@ from fasterrcnn.creators import AnchorTargetCreator
 from fasterrcnn.data import DatasetError, collate
 from fasterrcnn.lit import training_targets
 
-ROOT = Path(__file__).resolve().parents[1]
 IOU_THRESHOLDS = (0.7, 0.5)
 Size = tuple[int, int]  # (height, width)
 
