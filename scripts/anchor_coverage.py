@@ -191,15 +191,6 @@ def anchor_groups() -> list[str]:
     return sorted(names, key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 
 
-def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with ``overrides`` (and the ``hydra`` node, for the group choices), with
-    ``backbone.pretrained`` off: only shapes are needed here, never weights."""
-    cfg = build.compose_config(overrides, output_dir, return_hydra_config=True)
-    if "pretrained" in cfg.backbone:
-        cfg.backbone.pretrained = False
-    return cfg
-
-
 def row_name(cfg: DictConfig, overrides: Sequence[str]) -> str:
     """The anchor group of the row and its ``anchor.*`` overrides, e.g. ``k9 anchor.scales=[4,8]``."""
     extra = [o for o in overrides if o.lstrip("+~").startswith("anchor.")]
@@ -332,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # small tensors: one thread is fastest and leaves the other cores alone
     try:
-        configs = [(row, compose_config(row, args.out.parent)) for row in expand_overrides(overrides)]
+        configs = [(row, build.compose_config(row, args.out.parent, return_hydra_config=True, pretrained=False)) for row in expand_overrides(overrides)]
         first = configs[0][1]  # the rows differ in their anchors only: same data, trunk and sampler
         feature_size, stride = feature_size_fn(first.backbone)
         samples = load_samples(first, args.images, feature_size)

@@ -34,15 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- config, model, data
-def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    """conf/train.yaml with ``overrides`` (and the ``hydra`` node, for the group choices), with
-    ``backbone.pretrained`` off: only shapes are needed here, never weights."""
-    cfg = build.compose_config(overrides, output_dir, return_hydra_config=True)
-    if "pretrained" in cfg.backbone:
-        cfg.backbone.pretrained = False
-    return cfg
-
-
 def load_batch(cfg: DictConfig, index: int) -> DetectionBatch:
     """Training image ``index`` as a batch of one, resized and normalised as in training, unflipped."""
     datamodule = build_datamodule(cfg)
@@ -247,7 +238,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parse_args(argv)
     try:
-        cfg = compose_config(overrides, ROOT / "outputs" / "inspect_shapes")
+        cfg = build.compose_config(overrides, ROOT / "outputs" / "inspect_shapes", return_hydra_config=True, pretrained=False)
         batch = load_batch(cfg, args.index)
         torch.manual_seed(args.seed)
         model = build_model(model_config(cfg))

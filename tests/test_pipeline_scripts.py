@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fasterrcnn.anchors import AnchorGenerator
+from fasterrcnn.build import compose_config
 from fasterrcnn.creators import AnchorTargetCreator
 
 from .conftest import SMALL_DATA
@@ -128,9 +129,9 @@ def test_positives_before_and_after_sampling_count_ties():
 
 def test_feature_size_is_the_trunks():
     # VGG16's max-pools round down, the tiny trunk's strided convs round up: 300 / 16 = 18.75
-    vgg = coverage.compose_config(["backbone=vgg16"], Path("/tmp/unused"))
+    vgg = compose_config(["backbone=vgg16"], Path("/tmp/unused"), pretrained=False)
     assert vgg.backbone.pretrained is False
-    tiny = coverage.compose_config([], Path("/tmp/unused"))
+    tiny = compose_config([], Path("/tmp/unused"), pretrained=False)
     vgg_size, vgg_stride = coverage.feature_size_fn(vgg.backbone)
     tiny_size, tiny_stride = coverage.feature_size_fn(tiny.backbone)
     assert vgg_stride == tiny_stride == 16

@@ -20,15 +20,21 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MODEL_KEYS = ("backbone", "anchor", "sampler", "model")
 
 
-def compose_config(overrides: Sequence[str], output_dir: str | Path, return_hydra_config: bool = False) -> DictConfig:
+def compose_config(
+    overrides: Sequence[str], output_dir: str | Path, return_hydra_config: bool = False, pretrained: bool | None = None
+) -> DictConfig:
     """``conf/train.yaml`` composed from Python with command-line style ``overrides``, as the
     scripts need it: ``paths.output_dir`` (otherwise Hydra's runtime folder) is ``output_dir``
-    unless an override sets it."""
+    unless an override sets it; ``pretrained`` (when given) replaces ``backbone.pretrained``, e.g.
+    False for tools that need only the shapes, never the ImageNet weights."""
     overrides = list(overrides)
     if not any(o.lstrip("+~").startswith("paths.output_dir=") for o in overrides):
         overrides.append(f"paths.output_dir={output_dir}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+        cfg = compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+    if pretrained is not None and "pretrained" in cfg.backbone:
+        cfg.backbone.pretrained = pretrained
+    return cfg
 
 
 def to_container(cfg: Mapping | DictConfig) -> dict:
