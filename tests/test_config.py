@@ -93,3 +93,24 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer == "sgd"
     # every backbone composes with the default experiment
     assert "widths" not in compose_config(BASE + ["backbone=vgg16"]).backbone
+
+
+@pytest.mark.parametrize("experiment", ["voc07_vgg16", "voc0712_vgg16", "voc07_resnet101", "cpu_shapes", "cpu_anchor_study"])
+def test_experiments_compose_and_build(experiment):
+    cfg = compose_config(BASE + [f"experiment={experiment}"])
+    model = build_model(model_config(cfg), pretrained=False)
+    assert model.stride == 16 and model.num_classes == len(cfg.data.classes)
+    if experiment == "voc0712_vgg16":
+        assert [s.split for s in cfg.data.train_sets] == ["trainval", "trainval"] and cfg.optim.optimizer == "sgd"
+    if experiment == "voc07_resnet101":
+        assert cfg.backbone.depth == "resnet101" and cfg.data.name == "voc2007"
+
+
+@pytest.mark.parametrize("sampler,counts", [("fast", (256, 2000, 500, 128)), ("dense", (512, 12000, 2000, 256))])
+def test_sampler_variants_and_single_counts(sampler, counts):
+    s = compose_config(BASE + [f"sampler={sampler}"]).sampler
+    assert (s.anchor_target.n_sample, s.proposal.n_train_pre_nms, s.proposal.n_train_post_nms, s.proposal_target.n_sample) == counts
+    assert (s.proposal.n_test_pre_nms, s.proposal.n_test_post_nms) == (6000, 300)
+    model = build_model(model_config(compose_config(BASE + [f"sampler={sampler}", "sampler.proposal_target.pos_ratio=0.5"])))
+    assert model.proposal_target_creator.pos_ratio == 0.5
+    assert model.anchor_target_creator.n_sample == counts[0]
