@@ -49,12 +49,7 @@ def class_color(label: int) -> tuple:
     return CLASS_COLORS[(label - 1) % len(CLASS_COLORS)]
 
 
-# ---------------------------------------------------------------------------------- config
-def compose_cfg(overrides: list[str], out_dir: str) -> DictConfig:
-    """conf/train.yaml with the overrides, writing to ``out_dir`` unless they say otherwise."""
-    return build.compose_config(overrides, out_dir)
-
-
+# ---------------------------------------------------------------------------------- model
 def load_model(cfg: DictConfig, ckpt: str | None):
     """The detector and its class names: from the checkpoint, or freshly initialised from cfg."""
     if ckpt is None:
@@ -300,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = compose_cfg(overrides, str(out))
+        cfg = build.compose_config(overrides, out)
     except HydraException as err:  # names the bad override
         sys.exit(f"error: {err}")
     torch.manual_seed(int(cfg.seed))  # the untrained model's weights

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from fasterrcnn import build
+
+CONF_DIR = str(build.CONF_DIR)
 
 # A small built-in dataset shared by the tests (generated once per session).
 SMALL_DATA = [

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fasterrcnn.anchors import AnchorGenerator
+from fasterrcnn.build import compose_config
 from fasterrcnn.training import train
 
 from .conftest import SMALL_DATA
@@ -102,7 +103,7 @@ def test_anchors_of_a_cell_are_centred_on_it():
 
 def test_untrained_backbone_is_never_downloaded(tmp_path):
     explain = load_script()
-    cfg = explain.compose_cfg(["backbone=resnet18"], str(tmp_path))  # pretrained: true in the config
+    cfg = compose_config(["backbone=resnet18"], tmp_path)  # pretrained: true in the config
     model, names = explain.load_model(cfg, None)
     assert names == list(cfg.data.classes) and model.num_classes == len(names)
 

@@ -19,7 +19,6 @@ from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
 
 
-
 def wandb_has_credentials() -> bool:
     """True when wandb could sync online: an API key in the environment or in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
