@@ -144,6 +144,7 @@ class ProposalCreator:
         image_size: tuple[int, int],
         scale: float = 1.0,
         training: bool = True,
+        n_post_nms: int | None = None,
     ) -> Tensor:
         """
         Args:
@@ -153,6 +154,8 @@ class ProposalCreator:
             image_size: ``(height, width)`` of the resized image.
             scale: resized / original image size, so ``min_size`` applies at the original scale.
             training: use the training counts (True) or the testing counts (False).
+            n_post_nms: keep this many instead of the mode's count (proposal recall at 2000
+                while testing); the first ``n`` of a longer list are the ``n`` proposals.
         Returns:
             rois ``(R, 4)`` sorted by decreasing score, R <= n_post_nms.
         """
@@ -162,7 +165,7 @@ class ProposalCreator:
         boxes, scores = boxes[keep], fg_scores.detach()[keep]
         scores, order = scores.topk(min(self.n_pre_nms[mode], scores.numel()))
         boxes = boxes[order]
-        keep = nms(boxes, scores, self.nms_thresh)[: self.n_post_nms[mode]]  # nms keeps score order
+        keep = nms(boxes, scores, self.nms_thresh)[: n_post_nms or self.n_post_nms[mode]]  # nms keeps score order
         return boxes[keep]
 
 

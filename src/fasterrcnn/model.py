@@ -107,11 +107,12 @@ class FasterRCNN(nn.Module):
         image_sizes: Sequence[Size],
         original_sizes: Sequence[Size],
         training: bool,
+        n_post_nms: int | None = None,
     ) -> list[Tensor]:
-        """ProposalCreator on each image: a list of N ``(R_i, 4)`` tensors."""
+        """ProposalCreator on each image: a list of N ``(R_i, 4)`` tensors, sorted by score."""
         fg = logits.detach().softmax(dim=-1)[..., 1]  # (N, A)
         return [
-            self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training)
+            self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training, n_post_nms=n_post_nms)
             for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
         ]
 
@@ -172,18 +173,26 @@ class FasterRCNN(nn.Module):
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
         return_proposals: bool = False,
+        num_proposals: int | None = None,
     ) -> list[dict[str, Tensor]]:
         """Detections with the testing proposal counts.
 
+        Args:
+            num_proposals: with ``return_proposals``, return up to this many proposals (e.g. 2000
+                for proposal recall); the detections still come from the testing count, which
+                are the first of them (NMS keeps score order).
         Returns:
             per image a dict with ``boxes (D, 4)`` in original image coordinates,
             ``scores (D,)``, ``labels (D,)`` in 1..K, sorted by decreasing score; with
-            ``return_proposals`` also ``proposals (R_i, 4)`` in original coordinates.
+            ``return_proposals`` also ``proposals (R_i, 4)`` in original coordinates, by score.
         """
         score_thresh = self.score_thresh if score_thresh is None else score_thresh
         nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
         features, logits, deltas, anchors = self.rpn_forward(images)
-        proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=False)
+        n_test = self.proposal_creator.n_post_nms["testing"]
+        n_post = max(n_test, num_proposals) if return_proposals and num_proposals else None
+        all_proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=False, n_post_nms=n_post)
+        proposals = [p[:n_test] for p in all_proposals]
         rois = torch.cat(proposals)
         batch_index = torch.cat([torch.full((p.shape[0],), i, device=rois.device) for i, p in enumerate(proposals)])
         cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
@@ -191,7 +200,7 @@ class FasterRCNN(nn.Module):
         boxes = self.proposal_target_creator.coder.decode(rois[:, None, :], roi_deltas.float())  # (R, K+1, 4)
 
         results = []
-        for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), proposals)):
+        for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), all_proposals)):
             result = self.postprocess(probs_i, boxes_i, image_sizes[i], original_sizes[i], score_thresh, nms_thresh)
             if return_proposals:
                 result["proposals"] = to_original(rois_i, image_sizes[i], original_sizes[i])
