@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from fasterrcnn.data.check import bad_samples, check_samples, describe
 from fasterrcnn.data.download import download_voc
 from fasterrcnn.data.shapes import ensure_dataset
 from fasterrcnn.data.transforms import hflip, normalize, resize
 from fasterrcnn.data.voc import DatasetError, VOCDetection, split_path
 
 Size = tuple[int, int]
+log = logging.getLogger(__name__)
+
+# data.on_bad_sample: "skip" drops a bad sample with a warning and a count, "error" stops naming it.
+ON_BAD_SAMPLE = ("skip", "error")
+# Under "skip", a read that fails this many samples in a row stops: the data is broken, not a file.
+MAX_CONSECUTIVE_BAD = 16
 
 
 @dataclass
 class DetectionBatch:
     """A collated batch. ``images (N, 3, H, W)`` are zero-padded to the largest image;
     ``image_sizes`` are the sizes before padding, ``original_sizes`` before resizing. ``boxes``
-    are in input (resized) coordinates, ``original_boxes`` in original image coordinates."""
+    are in input (resized) coordinates, ``original_boxes`` in original image coordinates.
+    ``skipped``: ``(stage, message)`` of each bad sample replaced by the next good one while
+    reading this batch (``data.on_bad_sample=skip``), so the count reaches the main process
+    from DataLoader workers."""
 
     images: Tensor
     image_sizes: list[Size]
@@ -34,6 +45,7 @@ class DetectionBatch:
     difficult: list[Tensor]
     original_boxes: list[Tensor]
     image_ids: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_sizes)
@@ -55,6 +67,7 @@ class DetectionBatch:
             move(self.difficult),
             move(self.original_boxes),
             self.image_ids,
+            self.skipped,
         )
 
 
@@ -74,24 +87,59 @@ def collate(items: Sequence[dict]) -> DetectionBatch:
         difficult=[item["difficult"] for item in items],
         original_boxes=[item["original_boxes"] for item in items],
         image_ids=[item["image_id"] for item in items],
+        skipped=[s for item in items for s in item.get("skipped", ())],
     )
 
 
 class DetectionDataset(Dataset):
     """Wraps a :class:`VOCDetection`: resize (shorter side ``min_size``, longer at most
-    ``max_size``), flip with probability ``flip_prob``, normalise with the backbone's mean/std."""
+    ``max_size``), flip with probability ``flip_prob``, normalise with the backbone's mean/std.
 
-    def __init__(self, voc: Dataset, min_size: int, max_size: int, mean: Sequence[float], std: Sequence[float], flip_prob: float = 0.0) -> None:
+    A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
+    raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
+    instead, with a warning, listed in ``skipped`` (this process) and in the item's
+    ``"skipped"`` (which the DataModule counts)."""
+
+    def __init__(
+        self,
+        voc: Dataset,
+        min_size: int,
+        max_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        flip_prob: float = 0.0,
+        on_bad_sample: str = "error",
+        stage: str = "",
+    ) -> None:
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, not {on_bad_sample!r}")
         self.voc = voc
         self.min_size, self.max_size = min_size, max_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.flip_prob = flip_prob
+        self.on_bad_sample = on_bad_sample
+        self.stage = stage
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.voc)  # type: ignore[arg-type]
 
+    def _read(self, index: int) -> tuple[dict, list[tuple[str, str]]]:
+        """The item at ``index``, or under "skip" the next good one, and what was skipped."""
+        skipped: list[tuple[str, str]] = []
+        for step in range(min(len(self), MAX_CONSECUTIVE_BAD)):
+            try:
+                return self.voc[(index + step) % len(self)], skipped
+            except DatasetError as err:
+                if self.on_bad_sample == "error":
+                    raise
+                log.warning("data.on_bad_sample=skip: skipping a bad %s sample: %s", self.stage or "data", err)
+                self.skipped.append(str(err))
+                skipped.append((self.stage, str(err)))
+        raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][1]}")
+
     def __getitem__(self, index: int) -> dict:
-        item = self.voc[index]
+        item, skipped = self._read(index)
         image, boxes = item["image"], item["boxes"]
         original_size = tuple(image.shape[-2:])
         image, boxes = resize(image, boxes, self.min_size, self.max_size)
@@ -105,6 +153,7 @@ class DetectionDataset(Dataset):
             "original_boxes": item["boxes"],
             "original_size": original_size,
             "image_id": item["image_id"],
+            "skipped": skipped,
         }
 
 
@@ -131,6 +180,16 @@ class VOCDataModule(L.LightningDataModule):
             ``seed``); when set, ``root`` is the generated folder under ``data_dir``.
         download: download missing VOC years (needs internet) instead of failing.
         data_dir: where the built-in data is generated and VOC is downloaded.
+        on_bad_sample: what a bad sample does, ``"error"`` (default) or ``"skip"``. ``setup``
+            checks every annotation and image header of each split up front
+            (:mod:`fasterrcnn.data.check`, about 0.3 ms a sample), so a bad annotation, a
+            missing or unreadable image or a ``<size>`` that is not the image's stops the run at
+            once, naming the files ("error"), or is dropped with one warning ("skip"; val/test
+            images are then decoded in full too). A training image that fails to decode later,
+            in a DataLoader, raises naming it ("error") or is replaced by the next good sample
+            with a warning ("skip"). ``skipped`` counts the dropped samples per stage,
+            ``problems`` lists them. Boxes reaching outside their image are clipped to it and
+            images without objects train as background under both.
     """
 
     def __init__(
@@ -151,8 +210,11 @@ class VOCDataModule(L.LightningDataModule):
         builtin: Mapping | None = None,
         download: bool = False,
         data_dir: str = "data",
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, not {on_bad_sample!r}")
         self.name = name
         self.classes = tuple(classes)
         self.root = root
@@ -165,7 +227,11 @@ class VOCDataModule(L.LightningDataModule):
         self.builtin = dict(builtin) if builtin else None
         self.download = download
         self.data_dir = data_dir
+        self.on_bad_sample = on_bad_sample
         self.datasets: dict[str, Dataset] = {}
+        # the bad samples dropped (setup) or replaced (while reading), per stage
+        self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
+        self.problems: dict[str, list[str]] = {"train": [], "val": [], "test": []}
 
     @property
     def num_classes(self) -> int:
@@ -183,9 +249,11 @@ class VOCDataModule(L.LightningDataModule):
                     if year and not os.path.isfile(split_path(root, spec["split"])):
                         download_voc(year, os.path.dirname(os.path.dirname(os.path.normpath(root))))
 
-    def _dataset(self, stage: str) -> Dataset:
+    def splits(self, stage: str) -> list[tuple[str, str]]:
+        """``(root, split)`` of each set of ``stage`` ("train", "val", "test"), each split file
+        there (DatasetError with a hint otherwise)."""
         root_default = ensure_dataset(self.data_dir, progress=False, **self.builtin) if self.builtin is not None else self.root
-        parts = []
+        out = []
         for spec in self.sets[stage]:
             root = spec.get("root") or root_default
             if root is None:
@@ -200,10 +268,46 @@ class VOCDataModule(L.LightningDataModule):
                     else "; check data.root and the split names"
                 )
                 raise DatasetError(f"{path} not found: the {stage} split '{spec['split']}' is missing{hint}")
-            parts.append(VOCDetection(root, spec["split"], self.classes))
+            out.append((root, spec["split"]))
+        return out
+
+    def _dataset(self, stage: str) -> Dataset:
+        parts = [self._checked(stage, VOCDetection(root, split, self.classes)) for root, split in self.splits(stage)]
         voc = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         flip = self.flip_prob if stage == "train" else 0.0
-        return DetectionDataset(voc, self.min_size, self.max_size, self.mean, self.std, flip_prob=flip)
+        # Only training replaces a sample that fails to decode: in evaluation the replacement
+        # would count one image twice in the mAP, so "skip" decodes val/test fully in setup.
+        policy = self.on_bad_sample if stage == "train" else "error"
+        return DetectionDataset(voc, self.min_size, self.max_size, self.mean, self.std, flip_prob=flip, on_bad_sample=policy, stage=stage)
+
+    def _checked(self, stage: str, voc: VOCDetection) -> VOCDetection:
+        """``voc`` after checking every sample up front: under "skip" without its bad samples
+        (one warning), under "error" a DatasetError naming them. Under "skip" the val/test
+        images are decoded in full (about 5 ms each), so the evaluated set is fixed here."""
+        split = split_path(voc.root, voc.split)
+        decode = self.on_bad_sample == "skip" and stage != "train"
+        problems = check_samples(voc.root, voc.ids, voc.class_to_index, decode=decode)
+        clipped = [p for p in problems if p.kind == "box_clipped"]
+        if clipped:
+            log.warning("%s: %d boxes reach outside their image and are clipped to it:\n%s", split, len(clipped), describe(clipped, 3))
+        bad = bad_samples(problems)
+        if not bad:
+            return voc
+        listing = describe(list(bad.values()))
+        if self.on_bad_sample == "error":
+            raise DatasetError(
+                f"{split}: {len(bad)} of {len(voc)} {stage} samples are bad (data.on_bad_sample=error):\n{listing}\n"
+                f"Fix them, or set data.on_bad_sample=skip to train without them; "
+                f"python scripts/check_dataset.py data=<this data> lists every problem."
+            )
+        note = "" if stage == "train" else f"; the {stage} metrics are over the other {len(voc) - len(bad)}"
+        log.warning("%s: skipping %d of %d %s samples that are bad (data.on_bad_sample=skip%s):\n%s", split, len(bad), len(voc), stage, note, listing)
+        self.skipped[stage] += len(bad)
+        self.problems[stage] += [str(p) for p in bad.values()]
+        ids = [i for i in voc.ids if i not in bad]
+        if not ids:
+            raise DatasetError(f"{split}: every {stage} sample is bad, nothing left to use:\n{listing}")
+        return VOCDetection(voc.root, voc.split, voc.classes, ids=ids)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -227,6 +331,11 @@ class VOCDataModule(L.LightningDataModule):
         """:meth:`DetectionBatch.to` (Lightning's generic recursion over the dataclass cost
         about 5 ms a step on CPU)."""
         if isinstance(batch, DetectionBatch):
+            # samples replaced while reading (data.on_bad_sample=skip), counted here in the main
+            # process because DataLoader workers' own counts never come back
+            for stage, message in batch.skipped:
+                self.skipped[stage] = self.skipped.get(stage, 0) + 1
+                self.problems.setdefault(stage, []).append(message)
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

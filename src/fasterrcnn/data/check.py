@@ -1,0 +1,90 @@
+"""Checking a VOC-layout dataset before training: every problem of every file, none raised.
+
+Used by ``scripts/check_dataset.py`` (a report of the whole dataset) and by the DataModule's
+``setup`` (``data.on_bad_sample``: drop the bad samples with a warning, or stop naming them).
+Each problem is a :class:`fasterrcnn.data.voc.Problem` ``(file, kind, message, image_id)`` of
+one of the :data:`fasterrcnn.data.voc.PROBLEM_KINDS`; ``severity`` "error" makes the sample
+bad, "warning" leaves it usable (clipped boxes, an image without objects).
+
+Images are opened for their header only (size and EXIF orientation, about 0.2 ms each), so a
+file whose pixels are corrupt after a valid header is found only with ``decode=True``, or when
+the reader decodes it in training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from fasterrcnn.data.voc import (
+    DatasetError,
+    Problem,
+    annotation_path,
+    box_problems,
+    image_path,
+    image_size,
+    load_image,
+    read_annotation,
+    split_ids,
+)
+
+__all__ = ["Problem", "bad_samples", "check_sample", "check_samples", "check_split", "count_kinds", "describe"]
+
+
+def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decode: bool = False) -> list[Problem]:
+    """Every problem of one sample: its annotation (:func:`read_annotation`), its image (there,
+    readable; fully decoded when ``decode``) and whether the annotation's ``<size>`` is the
+    image's size as displayed (after EXIF rotation), the size its boxes refer to."""
+    xml = annotation_path(root, image_id)
+    target, problems = read_annotation(xml, class_to_index, image_id)
+    img = image_path(root, image_id)
+    if not os.path.isfile(img):
+        return problems + [Problem(img, "missing_image", "image not found", image_id)]
+    try:
+        size = tuple(load_image(img).shape[-2:]) if decode else image_size(img)
+    except DatasetError as err:
+        return problems + [Problem(img, "unreadable_image", str(err).removeprefix(f"{img}: "), image_id)]
+    if target is None:
+        return problems
+    if target["size"] is None:  # no <size>: the boxes can only be checked against the image
+        return problems + box_problems(target["boxes"], size, xml, image_id)  # type: ignore[arg-type]
+    if target["size"] != size:
+        (xml_h, xml_w), (h, w) = target["size"], size
+        hint = " (width and height swapped: labelled before its EXIF rotation?)" if (xml_h, xml_w) == (w, h) else ""
+        problems.append(Problem(xml, "size_mismatch", f"<size> is {xml_w}x{xml_h} but the image {img} is {w}x{h}{hint}", image_id))
+    return problems
+
+
+def check_samples(root: str, ids: Iterable[str], class_to_index: dict[str, int], decode: bool = False) -> list[Problem]:
+    """:func:`check_sample` over ``ids``."""
+    return [p for image_id in ids for p in check_sample(root, image_id, class_to_index, decode)]
+
+
+def check_split(root: str, split: str, classes: Sequence[str], decode: bool = False) -> list[Problem]:
+    """Every problem of one split of a VOC-layout folder: the split file, then each sample."""
+    ids, problems = split_ids(root, split)
+    class_to_index = {name: i + 1 for i, name in enumerate(classes)}
+    return problems + check_samples(root, ids, class_to_index, decode)
+
+
+def bad_samples(problems: Iterable[Problem]) -> dict[str, Problem]:
+    """image id -> its first error, for the samples that have one."""
+    bad: dict[str, Problem] = {}
+    for p in problems:
+        if p.severity == "error" and p.image_id is not None:
+            bad.setdefault(p.image_id, p)
+    return bad
+
+
+def count_kinds(problems: Iterable[Problem]) -> Counter:
+    """kind -> how many problems of that kind."""
+    return Counter(p.kind for p in problems)
+
+
+def describe(problems: Sequence[Problem], limit: int = 5) -> str:
+    """The first ``limit`` problems, one a line, and how many more."""
+    lines = [f"  {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
