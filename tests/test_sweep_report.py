@@ -176,7 +176,9 @@ def test_real_tiny_sweep_then_report(tmp_path, data_dir):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(sweep)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| job | anchor | status | best val/map | final val/map | steps |")
+    # validation logs proposal recall, so the report has its columns (300/1000/2000 at IoU 0.5/0.7)
+    assert rows[0].startswith("| job | anchor | status | best val/map | final val/map | best val/recall/300@0.5 | best val/recall/300@0.7 |")
+    assert rows[0].endswith("| steps | train time (s) |")
     assert rows[1].startswith("| 0 | k9 | completed | ") and rows[2].startswith("| 1 | k15 | completed | ")
     assert len(rows) == 3
     assert "`logger=none`" in proc.stdout and "`trainer.max_steps=2`" in proc.stdout  # fixed overrides

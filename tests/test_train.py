@@ -13,6 +13,7 @@ from fasterrcnn.training import train
 
 from .conftest import SMALL_DATA
 from .helpers import write_voc
+from .wandb_offline import read_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = ["backbone.widths=[8,16,16,32]", "backbone.head_features=64"]
@@ -66,16 +67,21 @@ def _run(args, cwd, timeout=600):
     return subprocess.run([sys.executable, str(REPO / "src" / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_multirun_gives_each_job_its_own_metrics(tmp_path, data_dir):
-    args = ["-m", "anchor=k9,k15", f"paths.data_dir={data_dir}", "logger=none", *SMALL_DATA, *TINY_NET, *FEW_STEPS]
+def test_cli_multirun_gives_each_job_its_own_metrics_and_wandb_run(tmp_path, data_dir):
+    args = ["-m", "anchor=k9,k15", f"paths.data_dir={data_dir}", "logger.wandb.offline=true", *SMALL_DATA, *TINY_NET, *FEW_STEPS]
     args += [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = _run(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(files) == 2
-    for f, anchor in zip(files, ("k9", "k15")):
+    for job, (f, anchor) in enumerate(zip(files, ("k9", "k15"))):
         data = json.loads(f.read_text())
         assert data["status"] == "completed" and f"anchor={anchor}" in data["overrides"]
+        # one finished wandb run per job (never merged), named from its overrides, grouped by sweep
+        run = read_run(str(f.parent))
+        assert run.exit_code == 0 and run.group == "sweep"
+        assert run.name.startswith(f"{job}:") and f"anchor={anchor}" in run.name
+        assert "wandb sync" in proc.stdout
 
 
 def test_a_failing_multirun_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):

@@ -6,11 +6,12 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from fasterrcnn.build import build_model
 from fasterrcnn.data.datamodule import DetectionBatch
-from fasterrcnn.evaluation.voc import VOCEvaluator
+from fasterrcnn.evaluation.metrics import DetectionMetrics
 
 LOSS_KEYS = ("rpn_cls", "rpn_loc", "roi_cls", "roi_loc", "loss")
 STAT_KEYS = ("num_pos_anchors", "num_pos_rois")
@@ -26,7 +27,15 @@ DEFAULT_OPTIM = {
     "lr_decay_epochs": [10],
     "warmup_steps": 0,
     "betas": (0.9, 0.999),
+    # DDP: lr x world size (the linear scaling rule: world-size images per step, one per process).
+    "scale_lr_with_world_size": True,
 }
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss was NaN or infinite (``fault.on_nonfinite_loss=stop``)."""
 
 
 def training_targets(batch: DetectionBatch) -> tuple[list[Tensor], list[Tensor]]:
@@ -45,16 +54,35 @@ class FasterRCNNModule(L.LightningModule):
             checkpoint so :meth:`load` can rebuild the model anywhere.
         optim: SGD and schedule settings (see ``conf/optim/sgd.yaml``).
         use_07_metric: VOC2007 11-point AP (True) or VOC2010+ all-point AP for ``val/map``.
+        evaluation: what each validation computes besides VOC AP (``recall_counts``,
+            ``recall_ious``, ``coco``; see ``conf/train.yaml``).
+        on_nonfinite_loss: ``stop`` (raise :class:`NonFiniteLossError` before the weights
+            change) or ``skip`` (no update from that batch; counted in ``train/skipped_steps``).
     """
 
-    def __init__(self, model_cfg: dict, optim: dict | None = None, use_07_metric: bool = True, pretrained: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_cfg: dict,
+        optim: dict | None = None,
+        use_07_metric: bool = True,
+        evaluation: dict | None = None,
+        on_nonfinite_loss: str = "stop",
+        pretrained: bool | None = None,
+    ) -> None:
         super().__init__()
+        if on_nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"fault.on_nonfinite_loss must be one of {NONFINITE_POLICIES}, not {on_nonfinite_loss!r}")
         self.save_hyperparameters(ignore=["pretrained"])
         self.model = build_model(model_cfg, pretrained=pretrained)
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
         self.class_names = list(model_cfg["classes"])
-        self.evaluator = VOCEvaluator(self.class_names)
+        evaluation = {k: v for k, v in (evaluation or {}).items() if k in ("recall_counts", "recall_ious", "coco")}
+        self.evaluator = DetectionMetrics(self.class_names, use_07_metric, **evaluation)
         self.use_07_metric = use_07_metric
+        # The last validation's precision-recall curves (for the dashboard's end-of-run panel).
+        self.pr_curves: dict = {}
+        self.on_nonfinite_loss = on_nonfinite_loss
+        self.skipped_steps = 0
 
     @classmethod
     def load(cls, checkpoint_path: str, map_location: str | torch.device = "cpu") -> FasterRCNNModule:
@@ -70,8 +98,15 @@ class FasterRCNNModule(L.LightningModule):
         boxes, labels = training_targets(batch)
         return self.model.losses(batch.images, batch.image_sizes, batch.original_sizes, boxes, labels)
 
-    def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor | None:
         out = self._losses(batch)
+        # The step's one host sync: a NaN/inf loss must be caught before backward and the
+        # optimiser step carry it into the weights and the momentum. Under DDP all ranks decide
+        # together (one rank skipping alone would leave the others waiting in backward).
+        local = bool(torch.isfinite(out["loss"]))
+        finite = self.trainer.strategy.reduce_boolean_decision(local, all=True) if self._trainer is not None else local
+        if not finite:
+            return self._nonfinite_loss(batch, batch_idx, out, elsewhere=local)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch))
         # The other scalars only on the steps the logger records (each self.log costs ~1 ms on CPU).
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
@@ -79,22 +114,61 @@ class FasterRCNNModule(L.LightningModule):
             self.log_dict({f"train/{k}": out[k].detach() for k in LOSS_KEYS[:-1] + STAT_KEYS}, batch_size=len(batch))
         return out["loss"]
 
+    def _nonfinite_loss(self, batch: DetectionBatch, batch_idx: int, out: dict[str, Tensor], elsewhere: bool = False) -> None:
+        """Stop with the step, the images and the losses, or skip the step (returning None skips
+        backward and the optimiser's update; the step still counts, the schedule moves on).
+        ``elsewhere``: this rank's loss is finite, another DDP rank's is not."""
+        losses = ", ".join(f"{k}={float(out[k].detach()):.4g}" for k in LOSS_KEYS)
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}), images {list(batch.image_ids)}"
+        if elsewhere:
+            where = f"another DDP rank at {where.replace('images', 'this rank had images')}"
+        if self.on_nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"non-finite training loss at {where}: {losses}. The weights are those before this step;"
+                " fault.on_nonfinite_loss=skip skips such steps instead."
+            )
+        self.skipped_steps += 1
+        rank_zero_warn(f"skipping the step at {where}: non-finite loss ({losses}); {self.skipped_steps} skipped so far")
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=len(batch))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
-    def validation_step(self, batch: DetectionBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: DetectionBatch, batch_idx: int) -> dict:
+        """Losses, detections and proposal recall; returns the detections (with proposals) for
+        callbacks such as the dashboard's image panel."""
         out = self._losses(batch)
-        self.log_dict({f"val/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch))
-        detections = self.model.predict(batch.images, batch.image_sizes, batch.original_sizes)
+        self.log_dict({f"val/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch), sync_dist=True)
+        n_proposals = self.evaluator.max_proposals
+        detections = self.model.predict(
+            batch.images, batch.image_sizes, batch.original_sizes, return_proposals=n_proposals is not None, num_proposals=n_proposals
+        )
         for det, gt_boxes, gt_labels, gt_difficult in zip(detections, batch.original_boxes, batch.labels, batch.difficult):
-            self.evaluator.update(det["boxes"], det["scores"], det["labels"], gt_boxes, gt_labels, gt_difficult)
+            self.evaluator.update(det, gt_boxes, gt_labels, gt_difficult)
+        return {"detections": detections}
 
     def on_validation_epoch_end(self) -> None:
-        result = self.evaluator.compute(use_07_metric=self.use_07_metric)
-        self.log("val/map", result["map"], prog_bar=True)
-        for name, ap in result["ap"].items():
-            if not math.isnan(ap):
-                self.log(f"val/ap/{name}", ap)
+        """``val/map`` and the rest of :class:`DetectionMetrics` over the whole split."""
+        self.evaluator.sync(num_images=self._val_set_size())
+        result = self.evaluator.compute()
+        self.log("val/map", result.pop("map"), prog_bar=True)
+        self.log_dict({f"val/{k}": v for k, v in result.items() if not math.isnan(v)})
+        self.log("val/num_images", float(self.evaluator.num_images))
+        self.pr_curves = self.evaluator.pr_curves()
+
+    def _val_set_size(self) -> int | None:
+        """The number of validation images (before a distributed sampler pads them)."""
+        loaders = self.trainer.val_dataloaders if self._trainer is not None else None
+        try:
+            return len(loaders.dataset) if loaders is not None else None  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            return None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -102,18 +176,22 @@ class FasterRCNNModule(L.LightningModule):
         x lr and ``bias_weight_decay``; lr falls by ``lr_decay`` at each epoch of
         ``lr_decay_epochs`` (0-based), after ``warmup_steps`` of linear warm-up."""
         o = self.optim
+        lr = o["lr"]
+        if o["scale_lr_with_world_size"] and self._trainer is not None and self.trainer.world_size > 1:
+            lr *= self.trainer.world_size
+            rank_zero_info(f"lr {o['lr']:g} x {self.trainer.world_size} processes = {lr:g} (optim.scale_lr_with_world_size)")
         weights, biases = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (biases if name.endswith(".bias") else weights).append(p)
         groups = [
-            {"params": weights, "lr": o["lr"], "weight_decay": o["weight_decay"]},
-            {"params": biases, "lr": o["lr"] * o["bias_lr_factor"], "weight_decay": o["bias_weight_decay"]},
+            {"params": weights, "lr": lr, "weight_decay": o["weight_decay"]},
+            {"params": biases, "lr": lr * o["bias_lr_factor"], "weight_decay": o["bias_weight_decay"]},
         ]
         if o["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], foreach=True)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], foreach=True)
         elif o["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), foreach=True)
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), foreach=True)
         else:
             raise ValueError(f"optim.optimizer must be 'sgd' or 'adamw', not {o['optimizer']!r}")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)

@@ -9,7 +9,9 @@ Keys (stable; documented in the README):
   ``val/ap/<class>``), with its ``epoch`` and ``step``;
 * ``best``: the same for the validation with the highest ``monitor``;
 * ``epochs``, ``steps``: training progress when the file was written;
-* ``train_time_s``: wall-clock seconds from the start of training;
+* ``train_time_s``: wall-clock seconds of training (all parts of a resumed run);
+* ``skipped_steps``: steps skipped for a non-finite loss (``fault.on_nonfinite_loss=skip``);
+* ``resumed_from``: the checkpoint a resumed run started from, else null;
 * ``checkpoints``: paths of the ``best`` and ``last`` checkpoints;
 * ``overrides``: the command-line overrides of the run; ``output_dir``: its folder.
 """
@@ -24,6 +26,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from fasterrcnn.callbacks import LastCheckpoint
 
 
 def _clean(value: Any) -> Any:
@@ -48,12 +53,17 @@ def read_metrics(path: str) -> dict:
 
 
 class MetricsFile(L.Callback):
-    """Keeps ``metrics.json`` up to date after every validation and at the end of the run."""
+    """Keeps ``metrics.json`` up to date after every validation and at the end of the run.
+
+    Its state (``best``, ``final``, training time) travels in the checkpoints, so a resumed run
+    keeps what the interrupted part had found.
+    """
 
     def __init__(self, path: str, monitor: str = "val/map", overrides: list[str] | None = None, output_dir: str | None = None) -> None:
         self.path = path
         self.monitor = monitor
         self.start = time.time()
+        self.time_before = 0.0  # training seconds of the parts before a resume
         self.data: dict[str, Any] = {
             "status": "running",
             "error": None,
@@ -63,6 +73,8 @@ class MetricsFile(L.Callback):
             "epochs": 0,
             "steps": 0,
             "train_time_s": 0.0,
+            "skipped_steps": 0,
+            "resumed_from": None,
             "checkpoints": {"best": None, "last": None},
             "overrides": list(overrides or []),
             "output_dir": output_dir,
@@ -73,11 +85,23 @@ class MetricsFile(L.Callback):
         if trainer is not None:
             self.data["epochs"] = trainer.current_epoch
             self.data["steps"] = trainer.global_step
+            self.data["skipped_steps"] = getattr(trainer.lightning_module, "skipped_steps", 0)
             ckpt = trainer.checkpoint_callback
+            # last.ckpt is written by fasterrcnn.callbacks.LastCheckpoint, best by ModelCheckpoint.
+            last = next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
             if ckpt is not None:
-                self.data["checkpoints"] = {"best": ckpt.best_model_path or None, "last": ckpt.last_model_path or None}
-        self.data["train_time_s"] = round(time.time() - self.start, 2)
-        write_json(self.path, self.data)
+                last = last or ckpt.last_model_path or None
+            self.data["checkpoints"] = {"best": ckpt.best_model_path or None if ckpt is not None else None, "last": last}
+        self.data["train_time_s"] = round(self.time_before + time.time() - self.start, 2)
+        if rank_zero_only.rank == 0:  # under DDP the file is rank 0's
+            write_json(self.path, self.data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.data["best"], "final": self.data["final"], "train_time_s": self.time_before + time.time() - self.start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.data["best"], self.data["final"] = state_dict["best"], state_dict["final"]
+        self.time_before = state_dict["train_time_s"]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.time()

@@ -12,9 +12,12 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fasterrcnn.build import build_datamodule, model_config
+from fasterrcnn.callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint, make_resumable
+from fasterrcnn.dashboards import DashboardPanels
 from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
 
@@ -67,6 +70,23 @@ def build_loggers(cfg: DictConfig, output_dir: str, name: str | None, group: str
     return loggers
 
 
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``ckpt_path``: null, a checkpoint file, ``last``: this run folder's
+    ``checkpoints/last.ckpt`` (a resumed run goes on in the folder of the interrupted one), or
+    ``auto``: that file when it exists, else a fresh start (a requeued SLURM job)."""
+    if ckpt_path is None:
+        return None
+    path = os.path.join(output_dir, "checkpoints", "last.ckpt") if ckpt_path in ("last", "auto") else str(ckpt_path)
+    if ckpt_path == "auto":
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        hint = ""
+        if ckpt_path == "last":
+            hint = "; ckpt_path=last resumes a run in its own folder: add hydra.run.dir=<that run's folder> (e.g. outputs/runs/<date>/<time>)"
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: {path} not found{hint}")
+    return path
+
+
 def train(cfg: DictConfig) -> dict:
     """Train and validate Faster R-CNN as ``cfg`` says; returns the contents of ``metrics.json``.
 
@@ -75,38 +95,69 @@ def train(cfg: DictConfig) -> dict:
     """
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
+    # Under DDP every process runs this function; only rank 0 writes the run's files (metrics.json:
+    # MetricsFile). Before the Trainer exists the rank comes from the launcher's environment.
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
     overrides, name, group = hydra_run_info()
     metrics = MetricsFile(os.path.join(output_dir, "metrics.json"), overrides=overrides, output_dir=output_dir)
     metrics.write()
     loggers: list[Logger] = []
     try:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        metrics.data["resumed_from"] = ckpt_path
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build_datamodule(cfg)
-        module = FasterRCNNModule(model_config(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True), use_07_metric=cfg.use_07_metric)
+        module = FasterRCNNModule(
+            model_config(cfg),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            use_07_metric=cfg.use_07_metric,
+            evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True) if cfg.get("evaluation") else None,
+            on_nonfinite_loss=cfg.fault.on_nonfinite_loss,
+        )
+        # Exact resume: the RNG states and the data position go into every checkpoint.
+        resume = ExactResume()
+        make_resumable(datamodule, resume, cfg.seed)
+        checkpoint_dir = os.path.join(output_dir, "checkpoints")
         loggers = build_loggers(cfg, output_dir, name, group)
+        evaluation = cfg.get("evaluation") or {}
+        panels = DashboardPanels(
+            list(cfg.data.classes),
+            cfg.data.mean,
+            cfg.data.std,
+            output_dir=output_dir,
+            num_images=evaluation.get("panel_images", 4),
+            num_proposals=evaluation.get("panel_proposals", 20),
+        )
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         callbacks = [
+            resume,
             ModelCheckpoint(
-                dirpath=os.path.join(output_dir, "checkpoints"),
+                dirpath=checkpoint_dir,
                 filename="epoch{epoch:03d}-map{val/map:.4f}",
                 auto_insert_metric_name=False,
                 monitor="val/map",
                 mode="max",
-                save_last=True,
             ),
+            # last.ckpt: the latest state, also every N steps and at Ctrl-C (after the callback
+            # above, so it holds that callback's state after the same validation).
+            LastCheckpoint(os.path.join(checkpoint_dir, "last.ckpt"), every_n_steps=cfg.fault.checkpoint_every_n_steps),
             metrics,
+            panels,
         ]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir, plugins=[AtomicCheckpointIO()]
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
             return metrics.data
         # Stopped between validations (max_steps, limit_train_batches): validate the final weights.
         if metrics.data["final"].get("step") != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+        panels.log_pr_curves(trainer, module)
         metrics.write(trainer, status="completed")
         return metrics.data
     except BaseException as err:
