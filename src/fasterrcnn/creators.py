@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
-from fasterrcnn.boxes import BoxCoder
+from fasterrcnn.boxes import BoxCoder, nms_topk
 
 
 def _rank(keys: Tensor) -> Tensor:
@@ -165,7 +165,13 @@ class ProposalCreator:
         boxes, scores = boxes[keep], fg_scores.detach()[keep]
         scores, order = scores.topk(min(self.n_pre_nms[mode], scores.numel()))
         boxes = boxes[order]
-        keep = nms(boxes, scores, self.nms_thresh)[: n_post_nms or self.n_post_nms[mode]]  # nms keeps score order
+        n_post = n_post_nms or self.n_post_nms[mode]
+        if boxes.device.type == "cpu":
+            # The same boxes as torchvision's nms(...)[:n_post], without suppressing past the
+            # n_post-th kept box: at 6000 -> 300 about 30x faster than the (one-thread) CPU kernel.
+            keep = nms_topk(boxes, scores, self.nms_thresh, n_post)
+        else:
+            keep = nms(boxes, scores, self.nms_thresh)[:n_post]  # nms keeps score order
         return boxes[keep]
 
 

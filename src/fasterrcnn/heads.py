@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torchvision.ops import roi_align, roi_pool
 
 
@@ -89,6 +90,10 @@ class RoIHead(nn.Module):
 
     def pool(self, features: Tensor, rois: Tensor, batch_index: Tensor) -> Tensor:
         """``(N, C, H, W)``, rois ``(R, 4)`` in input pixels, batch_index ``(R,)`` -> ``(R, C, S, S)``."""
+        if features.dtype in (torch.float16, torch.bfloat16):
+            # Under autocast: torchvision's CPU RoI kernels take no bf16, and RoI corners in
+            # bf16 would be off by pixels; pooling (a max or an average) loses nothing in fp32.
+            features = features.float()
         boxes = torch.cat((batch_index[:, None].to(rois.dtype), rois), dim=1)  # (R, 5)
         boxes = boxes.to(features.dtype)
         if self.pooling == "roi_pool":
@@ -100,5 +105,8 @@ class RoIHead(nn.Module):
         Returns:
             pred_class_logits ``(R, K+1)`` and pred_deltas ``(R, K+1, 4)`` (normalised deltas).
         """
-        x = self.head(self.pool(features, rois, batch_index))  # (R, D)
-        return self.cls_score(x), self.bbox_pred(x).view(-1, self.num_classes + 1, 4)
+        with record_function("roi_pool"):
+            pooled = self.pool(features, rois, batch_index)  # (R, C, S, S)
+        with record_function("roi_head_layers"):
+            x = self.head(pooled)  # (R, D)
+            return self.cls_score(x), self.bbox_pred(x).view(-1, self.num_classes + 1, 4)

@@ -9,6 +9,15 @@ Two entry points, so validation can compute both:
 * :meth:`FasterRCNN.predict` -> detections per image in original image coordinates.
 
 Images arrive resized and normalised by the DataModule; the model does no resizing itself.
+
+Each stage runs in a ``torch.profiler.record_function`` scope named after it (``backbone``,
+``rpn_head``, ``anchors``, ``anchor_target_creator``, ``proposal_creator``,
+``proposal_target_creator``, ``roi_pool``, ``roi_head_layers``, ``losses``, ``postprocess``), so
+a profile (``scripts/bench.py``) says where the time goes; without a profiler each costs a few us.
+
+Mixed precision: under ``torch.autocast`` (Lightning's ``trainer.precision=bf16-mixed``) the
+convolutions and linear layers run in bf16; box decoding, proposal scores and the losses are
+computed in fp32 (bf16 numbers between 256 and 512 lie 2 apart: too coarse for pixels).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from fasterrcnn.anchors import AnchorGenerator
@@ -45,6 +55,8 @@ class FasterRCNN(nn.Module):
         score_thresh: detections below this class probability are dropped (0.05 to evaluate,
             0.7 to visualise).
         max_detections: keep at most this many detections per image (None: all, as the reference).
+        channels_last: keep the convolutions' weights and inputs in the channels-last (NHWC)
+            memory layout, which oneDNN runs faster on CPU; results agree to float rounding.
     """
 
     def __init__(
@@ -64,6 +76,7 @@ class FasterRCNN(nn.Module):
         nms_thresh: float = 0.3,
         score_thresh: float = 0.05,
         max_detections: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -89,14 +102,22 @@ class FasterRCNN(nn.Module):
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
         self.max_detections = max_detections
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-d weights only; Module.to(device) keeps it
 
     # ------------------------------------------------------------------ shared stages
     def rpn_forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Trunk and RPN head: features ``(N, C, h, w)``, logits ``(N, A, 2)``, deltas ``(N, A, 4)``,
         anchors ``(A, 4)``."""
-        features = self.trunk(images)
-        logits, deltas = self.rpn(features)
-        anchors = self.anchor_generator(features.shape[-2], features.shape[-1])
+        with record_function("backbone"):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            features = self.trunk(images)
+        with record_function("rpn_head"):
+            logits, deltas = self.rpn(features)
+        with record_function("anchors"):
+            anchors = self.anchor_generator(features.shape[-2], features.shape[-1])
         return features, logits, deltas, anchors
 
     def proposals(
@@ -110,11 +131,13 @@ class FasterRCNN(nn.Module):
         n_post_nms: int | None = None,
     ) -> list[Tensor]:
         """ProposalCreator on each image: a list of N ``(R_i, 4)`` tensors, sorted by score."""
-        fg = logits.detach().softmax(dim=-1)[..., 1]  # (N, A)
-        return [
-            self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training, n_post_nms=n_post_nms)
-            for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
-        ]
+        with record_function("proposal_creator"):
+            fg = logits.detach().float().softmax(dim=-1)[..., 1]  # (N, A)
+            deltas = deltas.detach().float()
+            return [
+                self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training, n_post_nms=n_post_nms)
+                for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
+            ]
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -139,28 +162,33 @@ class FasterRCNN(nn.Module):
         features, logits, deltas, anchors = self.rpn_forward(images)
 
         # RPN targets: (N, A) labels and (N, A, 4) deltas.
-        rpn_targets = [self.anchor_target_creator(anchors, gt_boxes[i], image_sizes[i]) for i in range(n)]
-        rpn_labels = torch.stack([t[0] for t in rpn_targets])
-        rpn_gt_deltas = torch.stack([t[1] for t in rpn_targets])
+        with record_function("anchor_target_creator"):
+            rpn_targets = [self.anchor_target_creator(anchors, gt_boxes[i], image_sizes[i]) for i in range(n)]
+            rpn_labels = torch.stack([t[0] for t in rpn_targets])
+            rpn_gt_deltas = torch.stack([t[1] for t in rpn_targets])
 
         # RoI head targets on the sampled proposals.
         proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=True)
-        sampled = [self.proposal_target_creator(proposals[i], gt_boxes[i], gt_labels[i]) for i in range(n)]
-        rois = torch.cat([s[0] for s in sampled])  # (R, 4)
-        roi_labels = torch.cat([s[1] for s in sampled])  # (R,)
-        roi_gt_deltas = torch.cat([s[2] for s in sampled])  # (R, 4)
-        batch_index = torch.cat([torch.full((s[0].shape[0],), i, device=rois.device) for i, s in enumerate(sampled)])
+        with record_function("proposal_target_creator"):
+            sampled = [self.proposal_target_creator(proposals[i], gt_boxes[i], gt_labels[i]) for i in range(n)]
+            rois = torch.cat([s[0] for s in sampled])  # (R, 4)
+            roi_labels = torch.cat([s[1] for s in sampled])  # (R,)
+            roi_gt_deltas = torch.cat([s[2] for s in sampled])  # (R, 4)
+            batch_index = torch.cat([torch.full((s[0].shape[0],), i, device=rois.device) for i, s in enumerate(sampled)])
         cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
 
-        losses = {
-            "rpn_cls": classification_loss(logits.reshape(-1, 2), rpn_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
-            "rpn_loc": localisation_loss(deltas.reshape(-1, 4), rpn_gt_deltas.reshape(-1, 4), rpn_labels.reshape(-1), self.rpn_sigma),
-            "roi_cls": classification_loss(cls_logits, roi_labels, self.focal_gamma, self.focal_alpha),
-            "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_gt_deltas, roi_labels, self.roi_sigma),
-        }
-        losses["loss"] = losses["rpn_cls"] + losses["rpn_loc"] + losses["roi_cls"] + losses["roi_loc"]
-        losses["num_pos_anchors"] = (rpn_labels == 1).sum().float() / n
-        losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
+        with record_function("losses"):
+            # fp32 under autocast: the losses sum over thousands of items.
+            logits, deltas, cls_logits, roi_deltas = logits.float(), deltas.float(), cls_logits.float(), roi_deltas.float()
+            losses = {
+                "rpn_cls": classification_loss(logits.reshape(-1, 2), rpn_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
+                "rpn_loc": localisation_loss(deltas.reshape(-1, 4), rpn_gt_deltas.reshape(-1, 4), rpn_labels.reshape(-1), self.rpn_sigma),
+                "roi_cls": classification_loss(cls_logits, roi_labels, self.focal_gamma, self.focal_alpha),
+                "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_gt_deltas, roi_labels, self.roi_sigma),
+            }
+            losses["loss"] = losses["rpn_cls"] + losses["rpn_loc"] + losses["roi_cls"] + losses["roi_loc"]
+            losses["num_pos_anchors"] = (rpn_labels == 1).sum().float() / n
+            losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -196,15 +224,16 @@ class FasterRCNN(nn.Module):
         rois = torch.cat(proposals)
         batch_index = torch.cat([torch.full((p.shape[0],), i, device=rois.device) for i, p in enumerate(proposals)])
         cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
-        probs = cls_logits.float().softmax(dim=-1)  # (R, K+1)
-        boxes = self.proposal_target_creator.coder.decode(rois[:, None, :], roi_deltas.float())  # (R, K+1, 4)
+        with record_function("postprocess"):
+            probs = cls_logits.float().softmax(dim=-1)  # (R, K+1)
+            boxes = self.proposal_target_creator.coder.decode(rois[:, None, :], roi_deltas.float())  # (R, K+1, 4)
 
-        results = []
-        for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), all_proposals)):
-            result = self.postprocess(probs_i, boxes_i, image_sizes[i], original_sizes[i], score_thresh, nms_thresh)
-            if return_proposals:
-                result["proposals"] = to_original(rois_i, image_sizes[i], original_sizes[i])
-            results.append(result)
+            results = []
+            for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), all_proposals)):
+                result = self.postprocess(probs_i, boxes_i, image_sizes[i], original_sizes[i], score_thresh, nms_thresh)
+                if return_proposals:
+                    result["proposals"] = to_original(rois_i, image_sizes[i], original_sizes[i])
+                results.append(result)
         return results
 
     def postprocess(
