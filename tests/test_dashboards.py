@@ -25,14 +25,17 @@ def test_wandb_offline_run_has_scalars_image_panel_and_config(make_cfg):
         assert key in keys, key
     assert any(k.startswith("lr-") for k in keys), "learning rate"
     assert any(k.startswith("val/ap/") for k in keys), "per-class AP"
-    # the fixed image panel: 2 images with three box layers, class names and scores
-    panel = next(row for row in run.history if "val/examples/_type" in row)
-    assert panel["val/examples/_type"] == "images/separated" and panel["val/examples/count"] == 2
-    assert panel["val/examples/captions"] == ["000024", "000025"]  # the first val images, every time
+    # the fixed image panel: 2 images (one key each), three box layers, class names and scores
+    panel = next(row for row in run.history if "val/examples/0/_type" in row)
+    assert "val/examples/1/_type" in panel and "val/examples/2/_type" not in panel
+    assert [panel[f"val/examples/{i}/caption"] for i in (0, 1)] == ["000024", "000025"]  # the first val images
     run_dir = next(p for p in out.glob("wandb/offline-run-*") if p.is_dir())
-    for image_layers in panel["val/examples/all_boxes"]:
-        assert set(image_layers) == {"ground_truth", "proposals", "predictions"}
-        layer = {name: json.loads((run_dir / "files" / ref["path"]).read_text()) for name, ref in image_layers.items()}
+    for i in (0, 1):
+        assert panel[f"val/examples/{i}/_type"] == "image-file"
+        layer = {
+            name: json.loads((run_dir / "files" / panel[f"val/examples/{i}/boxes/{name}/path"]).read_text())
+            for name in ("ground_truth", "proposals", "predictions")
+        }
         assert layer["ground_truth"]["box_data"], "ground truth drawn"
         assert len(layer["proposals"]["box_data"]) == 20
         for box in layer["predictions"]["box_data"]:  # captions 'name score' and a score for the slider

@@ -1,7 +1,7 @@
 """What a run shows beyond scalars: validation images with boxes, and precision-recall curves.
 
 :class:`DashboardPanels` logs, at every validation, the same few validation images (the first
-``num_images`` of the unshuffled split) to wandb as ``val/examples``, each with three box layers
+``num_images`` of the unshuffled split) to wandb as ``val/examples/<i>``, each with three box layers
 that the wandb UI can switch on and off:
 
 * ``ground_truth``: the annotated objects (class names; difficult ones captioned so);
@@ -130,7 +130,9 @@ class DashboardPanels(L.Callback):
         logger = self._wandb(trainer)
         if trainer.sanity_checking or not trainer.is_global_zero or logger is None or not self.panel:
             return
-        logger.experiment.log({"val/examples": self.panel, "trainer/global_step": trainer.global_step})
+        # One key per image: wandb shows a list of images of different sizes distorted.
+        panel = {f"val/examples/{i}": image for i, image in enumerate(self.panel)}
+        logger.experiment.log({**panel, "trainer/global_step": trainer.global_step})
         self.panel = []
 
     def log_pr_curves(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
