@@ -53,7 +53,7 @@ from torchvision.ops import box_iou
 
 from fasterrcnn.anchors import AnchorGenerator
 from fasterrcnn import build
-from fasterrcnn.build import CONF_DIR, build_datamodule
+from fasterrcnn.build import CONF_DIR, build_datamodule, parse_script_args
 from fasterrcnn.creators import AnchorTargetCreator
 from fasterrcnn.data import DatasetError, collate
 from fasterrcnn.lit import training_targets
@@ -309,10 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--images", type=int, default=200, help="how many training images, from the first (default 200)")
     parser.add_argument("--out", type=Path, default=Path("outputs/anchor_coverage/coverage.png"), help="the bar plot; the table goes beside it as .md")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognised option(s): {' '.join(unknown)} (everything else must be a Hydra override key=value)")
+    args, overrides = parse_script_args(parser, argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
     return args, overrides

@@ -70,7 +70,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align, roi_pool
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config
+from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
 from fasterrcnn.data import DetectionBatch, collate
 from fasterrcnn.lit import training_targets
 from fasterrcnn.model import FasterRCNN
@@ -728,10 +728,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="also: validation mAP of this trained checkpoint in fp32 and under bf16 autocast",
     )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args, overrides = p.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("--")]
-    if unknown:
-        p.error(f"unknown option(s) {' '.join(unknown)} (anything else is a Hydra override)")
+    args, overrides = parse_script_args(p, argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.map_ckpt and not os.path.isfile(args.map_ckpt):

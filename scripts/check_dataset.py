@@ -30,6 +30,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fasterrcnn import build
+from fasterrcnn.build import parse_script_args
 from fasterrcnn.data import DatasetError
 from fasterrcnn.data.check import check_split, count_kinds
 from fasterrcnn.data.voc import PROBLEM_KINDS, Problem, split_ids
@@ -46,10 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--decode", action="store_true", help="decode every image fully (finds corrupt pixel data; slower)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too (clipped boxes, images without objects)")
     parser.add_argument("--quiet", action="store_true", help="the summary only, not every problem")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognised option(s): {' '.join(unknown)} (everything else must be a Hydra override key=value)")
+    args, overrides = parse_script_args(parser, argv)
     return args, overrides
 
 

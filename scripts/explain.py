@@ -35,7 +35,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config
+from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
 from fasterrcnn.data import collate
 from fasterrcnn.lit import FasterRCNNModule
 
@@ -286,10 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-dets", type=int, default=100, help="detections drawn in panel 5, best first (default 100)")
     parser.add_argument("--top", type=int, default=50, help="proposals drawn in panel 3 (default 50)")
     parser.add_argument("--negatives", type=int, default=30, help="sampled negative anchors drawn in panel 2 (default 30)")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    args, overrides = parse_script_args(parser, argv)
 
     plt.switch_backend("Agg")  # files only, no display
     out = Path(args.out)

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config
+from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
 from fasterrcnn.data import DatasetError, DetectionBatch, collate
 from fasterrcnn.lit import training_targets
 from fasterrcnn.model import FasterRCNN
@@ -228,10 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--index", type=int, default=0, help="which training image (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the sampling (default 0)")
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognised option(s): {' '.join(unknown)} (everything else must be a Hydra override key=value)")
+    args, overrides = parse_script_args(parser, argv)
     return args, overrides
 
 
