@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterrcnn.data import DatasetError, VOCDataModule, VOCDetection, collate
+from fasterrcnn.data import DatasetError, VOCDataModule, VOCDetection
 from fasterrcnn.data import voc as voc_module
 from fasterrcnn.data.check import bad_samples, check_sample, check_split
 from fasterrcnn.data.voc import image_size, load_image, parse_voc_xml, read_split

@@ -3,32 +3,19 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from fasterrcnn.build import build_datamodule
 from fasterrcnn.evaluation.metrics import DetectionMetrics
 from fasterrcnn.evaluation.results import per_class_table, plot_pr_curves, write_voc_results
-from fasterrcnn.metrics_file import write_json
+from fasterrcnn.metrics_file import json_safe, write_json
 from fasterrcnn.predict import load_module, resolve_device
 
 SPLITS = ("val", "test")
-
-
-def json_safe(value):
-    """NaN -> None (JSON has no NaN), recursively; tensors to numbers."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def evaluate(cfg: DictConfig) -> dict:

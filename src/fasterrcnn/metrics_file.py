@@ -31,11 +31,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from fasterrcnn.callbacks import LastCheckpoint
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """A value for JSON: tensors become numbers and NaN becomes null (JSON has no NaN), also
+    inside dicts."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else value
+    if isinstance(value, float) and math.isnan(value):
+        return None
     return value
 
 
@@ -111,7 +115,7 @@ class MetricsFile(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {k: _clean(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: json_safe(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if not metrics:
             return
         metrics["epoch"] = trainer.current_epoch
