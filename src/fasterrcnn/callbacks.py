@@ -152,16 +152,6 @@ class ResumableLoader(DataLoader):
         pass
 
 
-def make_resumable(datamodule: L.LightningDataModule, position: ExactResume, seed: int) -> None:
-    """Make ``datamodule.train_dataloader()`` return a :class:`ResumableLoader`."""
-    base = datamodule.train_dataloader
-
-    def train_dataloader() -> ResumableLoader:
-        return ResumableLoader.wrap(base(), position, seed)
-
-    datamodule.train_dataloader = train_dataloader  # type: ignore[method-assign]
-
-
 # ---------------------------------------------------------------------- callbacks
 class ExactResume(L.Callback):
     """Saves the RNG states and the data position in every checkpoint; a resumed fit restores the

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fasterrcnn.build import build_datamodule, model_config
-from fasterrcnn.callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint, make_resumable
+from fasterrcnn.callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint
 from fasterrcnn.dashboards import DashboardPanels
 from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
         )
         # Exact resume: the RNG states and the data position go into every checkpoint.
         resume = ExactResume()
-        make_resumable(datamodule, resume, cfg.seed)
+        datamodule.resume_position, datamodule.resume_seed = resume, cfg.seed
         checkpoint_dir = os.path.join(output_dir, "checkpoints")
         loggers = build_loggers(cfg, output_dir, name, group)
         evaluation = cfg.get("evaluation") or {}

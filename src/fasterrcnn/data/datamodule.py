@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from fasterrcnn.callbacks import ResumableLoader
 from fasterrcnn.data.check import bad_samples, check_samples, describe
 from fasterrcnn.data.download import download_voc
 from fasterrcnn.data.shapes import ensure_dataset
@@ -231,6 +232,10 @@ class VOCDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         # the bad samples dropped (setup) or replaced (while reading), per stage
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
+        # Set by training (fasterrcnn.callbacks.ExactResume, the run's seed): the training loader
+        # then resumes mid-epoch exactly (fasterrcnn.callbacks.ResumableLoader).
+        self.resume_position = None
+        self.resume_seed = 0
         self.problems: dict[str, list[str]] = {"train": [], "val": [], "test": []}
 
     @property
@@ -340,7 +345,10 @@ class VOCDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        if self.resume_position is None:
+            return loader
+        return ResumableLoader.wrap(loader, self.resume_position, self.resume_seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
