@@ -98,8 +98,7 @@ class DetectionDataset(Dataset):
 
     A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
     raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
-    instead, with a warning, listed in ``skipped`` (this process) and in the item's
-    ``"skipped"`` (which the DataModule counts)."""
+    instead, with a warning, listed in the item's ``"skipped"`` (which the DataModule counts)."""
 
     def __init__(
         self,
@@ -120,7 +119,6 @@ class DetectionDataset(Dataset):
         self.flip_prob = flip_prob
         self.on_bad_sample = on_bad_sample
         self.stage = stage
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.voc)  # type: ignore[arg-type]
@@ -135,7 +133,6 @@ class DetectionDataset(Dataset):
                 if self.on_bad_sample == "error":
                     raise
                 log.warning("data.on_bad_sample=skip: skipping a bad %s sample: %s", self.stage or "data", err)
-                self.skipped.append(str(err))
                 skipped.append((self.stage, str(err)))
         raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][1]}")
 
