@@ -37,6 +37,7 @@ from torch import Tensor
 from fasterrcnn import build
 from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
 from fasterrcnn.data import collate
+from fasterrcnn.data.transforms import denormalize
 from fasterrcnn.lit import FasterRCNNModule
 
 SETUP_STAGE = {"train": "fit", "val": "validate", "test": "test"}
@@ -267,12 +268,6 @@ def panel_detections(ax, image, item, s, class_names, score: float, max_drawn: i
         )
 
 
-def unnormalise(image: Tensor, mean, std):
-    """Normalised ``(3, H, W)`` -> ``(H, W, 3)`` numpy in [0, 1] for imshow."""
-    mean, std = image.new_tensor(list(mean))[:, None, None], image.new_tensor(list(std))[:, None, None]
-    return (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     item = dataset[args.index]
 
     s = run_stages(model, item, args.score, args.negatives, seed=int(cfg.seed))
-    image = unnormalise(item["image"], cfg.data.mean, cfg.data.std)
+    image = denormalize(item["image"], cfg.data.mean, cfg.data.std).permute(1, 2, 0).numpy()  # (H, W, 3) for imshow
     anchor_cfg = {
         "scales": model.anchor_generator.scales,
         "ratios": model.anchor_generator.ratios,

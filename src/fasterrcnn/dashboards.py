@@ -23,14 +23,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from fasterrcnn.data.transforms import denormalize
 from fasterrcnn.evaluation.results import plot_pr_curves
-
-
-def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Inverse of :func:`fasterrcnn.data.transforms.normalize`: ``(3, H, W)`` float -> uint8."""
-    mean_t = image.new_tensor(mean)[:, None, None]
-    std_t = image.new_tensor(std)[:, None, None]
-    return ((image * std_t + mean_t) * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 def wandb_box_layer(boxes: Tensor, class_ids: Sequence[int], captions: Sequence[str], class_labels: dict[int, str], scores: Tensor | None = None) -> dict:

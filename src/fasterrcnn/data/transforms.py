@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
@@ -38,3 +39,10 @@ def normalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     image = image.float().div_(255.0)
     return TF.normalize(image, list(mean), list(std))
 
+
+def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Inverse of :func:`normalize`: float ``(3, H, W)`` -> uint8 ``(3, H, W)``, to show an image
+    as the network saw it."""
+    mean_t = image.new_tensor(list(mean))[:, None, None]
+    std_t = image.new_tensor(list(std))[:, None, None]
+    return ((image * std_t + mean_t) * 255.0).round().clamp(0, 255).to(torch.uint8)
