@@ -32,7 +32,6 @@ Every other argument is a Hydra override of conf/train.yaml. Comma-separated val
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import math
 import re
@@ -49,14 +48,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from fasterrcnn.anchors import AnchorGenerator
 from fasterrcnn import build
+from fasterrcnn.boxes import inside_image
 from fasterrcnn.build import CONF_DIR, build_datamodule, parse_script_args
 from fasterrcnn.creators import AnchorTargetCreator
 from fasterrcnn.data import DatasetError, collate
 from fasterrcnn.lit import training_targets
+from fasterrcnn.matcher import match_iou
 
 IOU_THRESHOLDS = (0.7, 0.5)
 Size = tuple[int, int]  # (height, width)
@@ -97,20 +97,10 @@ class Coverage:
         return f"{lo:g} px" if lo == hi else f"{lo:g}-{hi:g} px"
 
 
-def inside_image(anchors: Tensor, image_size: Size) -> Tensor:
-    """``(A,)`` bool: anchors ``(A, 4)`` lying fully inside the image, the only ones that
-    AnchorTargetCreator labels."""
-    height, width = image_size
-    return (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width) & (anchors[:, 3] <= height)
-
-
 def best_anchor_iou(anchors: Tensor, gt_boxes: Tensor, image_size: Size) -> Tensor:
     """``(G,)``: the highest IoU of each ground-truth box ``(G, 4)`` with an anchor ``(A, 4)``
-    inside the image (0 where no anchor is inside)."""
-    inside = anchors[inside_image(anchors, image_size)]
-    if gt_boxes.shape[0] == 0 or inside.shape[0] == 0:
-        return gt_boxes.new_zeros(gt_boxes.shape[0])
-    return box_iou(gt_boxes, inside).max(dim=1).values
+    inside the image (0 where no anchor is inside), as the Matcher computes it."""
+    return match_iou(anchors, gt_boxes, valid=inside_image(anchors, image_size)).gt_max_iou.clamp(min=0)
 
 
 def count_positives(creator: AnchorTargetCreator, anchors: Tensor, gt_boxes: Tensor, image_size: Size) -> tuple[int, int, int]:
@@ -118,16 +108,13 @@ def count_positives(creator: AnchorTargetCreator, anchors: Tensor, gt_boxes: Ten
     how many of those before it have an IoU below ``creator.pos_iou_thresh`` (positive only as
     the best anchor of a box, ties included).
 
-    "Before" runs a copy of the same creator whose sample holds every anchor, all of them
-    allowed positive, so its labelling rules apply unchanged and nothing is dropped.
+    "Before" is the labelling of the creator's own Matcher, the rules it applies before sampling.
     """
     sampled = int((creator(anchors, gt_boxes, image_size)[0] == 1).sum())
-    everything = copy.copy(creator)
-    everything.n_sample, everything.pos_ratio = anchors.shape[0], 1.0
-    positive = everything(anchors, gt_boxes, image_size)[0] == 1  # (A,)
-    low = 0
-    if positive.any():
-        low = int((box_iou(anchors[positive], gt_boxes).max(dim=1).values < creator.pos_iou_thresh).sum())
+    inside = inside_image(anchors, image_size)
+    match = creator.matcher.match(anchors, gt_boxes, valid=inside)
+    positive = creator.matcher.label(match, valid=inside) == 1  # (A,)
+    low = int((positive & (match.max_iou < creator.pos_iou_thresh)).sum())
     return sampled, int(positive.sum()), low
 
 

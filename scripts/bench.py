@@ -249,7 +249,7 @@ def torchvision_twin(model: FasterRCNN, channels_last: bool = False) -> TVFaster
         box_bg_iou_thresh=ptc.neg_iou_thresh_hi,
         box_batch_size_per_image=ptc.n_sample,
         box_positive_fraction=ptc.pos_ratio,
-        bbox_reg_weights=tuple(1.0 / s for s in ptc.coder.std),
+        bbox_reg_weights=tuple(1.0 / s for s in model.roi_box_coder.std),
     )
     tv.transform = IdentityTransform()
     tv.roi_heads.box_roi_pool = RoIPooler(head)  # the constructor accepts only MultiScaleRoIAlign

@@ -1,11 +1,14 @@
 """Check a VOC-layout dataset before training: every problem of every file, not just the first.
 
 Checks each split of ``data.train_sets``, ``data.val_sets`` and ``data.test_sets`` (a split
-used by several stages once): the split file (ids that are not plain file names), each
-annotation (missing, unreadable, malformed or unsafe XML, unknown class names, missing or
-non-numeric boxes, xmax < xmin or ymax < ymin, boxes outside the image, no objects) and each
-image (missing, unreadable, and whether the annotation's ``<size>`` is the image's size after
-its EXIF rotation). Images are opened for their header only unless ``--decode``.
+used by several stages once): the split file (missing, empty, lines that are not UTF-8, ids
+that are not plain file names, ids listed twice), each annotation (missing, a directory,
+unreadable, malformed or unsafe XML, more objects than ``data.max_objects``, unknown class
+names, missing or non-numeric boxes, xmax < xmin or ymax < ymin, boxes outside the image, no
+objects), each image (missing, a directory, unreadable, and whether the annotation's ``<size>``
+is the image's size after its EXIF rotation) and symbolic links leading outside the dataset
+folder (followed in training; reported as warnings). Images are opened for their header only
+unless ``--decode``.
 
     python scripts/check_dataset.py                          # the built-in shapes data (generated if needed)
     python scripts/check_dataset.py data=voc2007             # VOC2007 under paths.data_dir
@@ -69,7 +72,7 @@ def split_reports(overrides: Sequence[str], decode: bool) -> tuple[str, list[dic
             reports[key]["stages"].append(stage)
         for root, split in splits:
             if (root, split) not in reports:
-                problems = check_split(root, split, datamodule.classes, decode=decode)
+                problems = check_split(root, split, datamodule.classes, decode=decode, max_objects=datamodule.max_objects)
                 samples = len(split_ids(root, split)[0])
                 reports[(root, split)] = {"root": root, "split": split, "stages": [], "samples": samples, "problems": problems}
             reports[(root, split)]["stages"].append(stage)

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
+from fasterrcnn.build import UnsafeConfigError, build_datamodule, build_model, model_config, parse_script_args
 from fasterrcnn.data import collate
 from fasterrcnn.data.transforms import denormalize
 from fasterrcnn.lit import FasterRCNNModule
@@ -53,10 +53,13 @@ def class_color(label: int) -> tuple:
 # ---------------------------------------------------------------------------------- model
 def load_model(cfg: DictConfig, ckpt: str | None):
     """The detector and its class names: from the checkpoint, or freshly initialised from cfg."""
-    if ckpt is None:
-        model = build_model(model_config(cfg), pretrained=False)  # no ImageNet download
-        return model, list(cfg.data.classes)
-    module = FasterRCNNModule.load(ckpt)
+    try:
+        if ckpt is None:
+            model = build_model(model_config(cfg), pretrained=False)  # no ImageNet download
+            return model, list(cfg.data.classes)
+        module = FasterRCNNModule.load(ckpt)
+    except UnsafeConfigError as err:  # a _target_ outside the project's builders: nothing was built
+        sys.exit(f"error: {err}")
     backbone = module.hparams["model_cfg"]["backbone"]
     with open_dict(cfg):  # normalise the image the way the checkpoint's backbone was trained
         for key in ("mean", "std"):

@@ -147,7 +147,7 @@ def training_mode(report: Report, model: FasterRCNN, batch: DetectionBatch) -> N
         f"{fg} foreground (at most {int(ptc.n_sample * ptc.pos_ratio)}, IoU >= {ptc.pos_iou_thresh}), {bg} background",
     )
     report.row("RoI labels", roi_labels, "0 background, 1..K the class of the matched ground truth (-1: filler, ignored)")
-    report.row("RoI targets", roi_targets, f"(R, 4) deltas to the matched ground truth / std {tuple(ptc.coder.std)}, foreground only")
+    report.row("RoI targets", roi_targets, f"(R, 4) deltas to the matched ground truth / std {tuple(model.roi_box_coder.std)}, foreground only")
     head_stages(report, model, features, rois)
 
     losses = model.losses(batch.images, batch.image_sizes, batch.original_sizes, [gt_boxes], [gt_labels])
@@ -196,7 +196,7 @@ def test_mode(report: Report, model: FasterRCNN, batch: DetectionBatch) -> None:
     )
     cls_logits, roi_deltas = head_stages(report, model, features, proposals)
     probs = cls_logits.softmax(dim=-1)
-    boxes = model.proposal_target_creator.coder.decode(proposals[:, None, :], roi_deltas)
+    boxes = model.roi_box_coder.decode(proposals[:, None, :], roi_deltas)
     report.row("class probabilities", probs, "softmax over the K+1 scores")
     report.row("class-specific boxes", boxes, "(R, K+1, 4): each RoI decoded with the deltas of every class")
     k = model.num_classes

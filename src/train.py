@@ -3,6 +3,7 @@
     python src/train.py                                # built-in shapes data, CPU default
     python src/train.py anchor=k9 sampler=default      # swap config groups
     python src/train.py -m anchor=k3_scales,k9,k15     # a sweep, one output folder per job
+    python src/train.py -m anchor=k9,k15 seed=0,1,2    # with repeats: scripts/sweep_report.py groups the seeds
     python src/train.py experiment=voc07_vgg16         # the paper's recipe on VOC2007
 """
 
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fasterrcnn.sweeps import USES, objective
 from fasterrcnn.training import train
 
 log = logging.getLogger(__name__)
@@ -21,8 +23,11 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the best validation mAP (the value a Hydra sweeper optimises; -inf for a failed
-    multirun job)."""
+    """Returns the value a Hydra sweeper optimises: val/map of metrics.json's ``final`` (the last
+    model) or, with ``objective=best``, of ``best`` (chosen on the validations it is scored on, so
+    optimistic); -inf for a failed multirun job."""
+    if cfg.objective not in USES:  # before training, not after it
+        raise ValueError(f"objective must be one of {', '.join(USES)}, not {cfg.objective!r}")
     try:
         metrics = train(cfg)
     except Exception:
@@ -32,8 +37,7 @@ def main(cfg: DictConfig) -> float:
         # -inf, not NaN: the Optuna sweeper aborts the whole study on a NaN objective.
         log.exception("job %s failed; continuing the sweep", HydraConfig.get().job.num)
         return -math.inf
-    best = metrics.get("best", {}).get("val/map")
-    return math.nan if best is None else best
+    return objective(metrics, cfg.objective)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def test_sampler_default_is_the_papers():
     assert (s.proposal.nms_thresh, s.proposal.min_size) == (0.7, 16)
     assert (s.proposal_target.n_sample, s.proposal_target.pos_ratio) == (128, 0.25)
     assert (s.proposal_target.pos_iou_thresh, s.proposal_target.neg_iou_thresh_hi) == (0.5, 0.5)
-    assert list(s.proposal_target.loc_normalize_std) == [0.1, 0.1, 0.2, 0.2]
+    assert "loc_normalize_std" not in s.proposal_target  # the RoI head's coder, in the model group
+    coder = compose_config(BASE).model.roi_box_coder
+    assert (list(coder.mean), list(coder.std)) == ([0.0] * 4, [0.1, 0.1, 0.2, 0.2])
 
 
 def test_paper_recipe_is_reachable_from_config():
@@ -52,6 +54,11 @@ def test_paper_recipe_is_reachable_from_config():
         0.05,
     )
     assert cfg.data.batch_size == 1 and cfg.data.flip_prob == 0.5 and cfg.use_07_metric is True
+    # the reference's float-equality tie rule, and its RoI target normalisation
+    assert cfg.sampler.anchor_target.best_iou_rtol == 0.0
+    assert list(cfg.model.roi_box_coder.std) == [0.1, 0.1, 0.2, 0.2]
+    model = build_model(model_config(cfg), pretrained=False)
+    assert model.anchor_target_creator.matcher.best_rtol == 0.0 and model.roi_box_coder.std == (0.1, 0.1, 0.2, 0.2)
 
 
 def test_command_line_group_choice_beats_the_experiment():

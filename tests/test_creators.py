@@ -1,8 +1,13 @@
+import math
+
+import pytest
 import torch
 from torchvision.ops import box_iou
 
-from fasterrcnn.boxes import BoxCoder
+from fasterrcnn.anchors import AnchorGenerator, grid_anchors
+from fasterrcnn.boxes import BoxCoder, inside_image
 from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator, subsample_labels
+from fasterrcnn.matcher import BEST_IOU_RTOL
 
 
 def _boxes(*rows):
@@ -147,14 +152,32 @@ def test_proposal_target_fractions_and_labels():
     torch.testing.assert_close(labels[fg], gt_labels[matched[fg]])
 
 
-def test_proposal_target_normalises_by_mean_and_std():
+def test_proposal_target_matches_and_the_roi_coder_normalises_by_std():
     gt = _boxes([10, 10, 60, 60])
-    creator = ProposalTargetCreator(loc_normalize_mean=(0.0, 0.0, 0.0, 0.0), loc_normalize_std=(0.1, 0.1, 0.2, 0.2))
-    rois, labels, deltas = creator(_many_rois(gt), gt, torch.tensor([1]))
+    rois, labels, matched = ProposalTargetCreator()(_many_rois(gt), gt, torch.tensor([1]))
     fg = labels >= 1
+    assert bool(fg.any()) and bool((matched[fg] == gt).all())  # foreground RoIs carry their ground truth
+    # the RoI head's coder (model.roi_box_coder, the paper's std) makes the targets
+    coder = BoxCoder(std=(0.1, 0.1, 0.2, 0.2))
     raw = BoxCoder().encode(rois[fg], gt.expand(int(fg.sum()), 4))
-    torch.testing.assert_close(deltas[fg], raw / torch.tensor([0.1, 0.1, 0.2, 0.2]))
-    assert bool((deltas[~fg] == 0).all())
+    torch.testing.assert_close(coder.encode(rois[fg], matched[fg]), raw / torch.tensor([0.1, 0.1, 0.2, 0.2]))
+
+
+def test_model_roi_targets_are_the_coders_and_zero_off_foreground():
+    from fasterrcnn.build import build_model, model_config
+
+    from .conftest import compose_config
+
+    model = build_model(model_config(compose_config(["paths.output_dir=/tmp/unused", "backbone.widths=[8,16,16,32]", "backbone.head_features=32"])))
+    assert model.roi_box_coder.std == (0.1, 0.1, 0.2, 0.2) and model.roi_box_coder.mean == (0.0,) * 4
+    gt = [_boxes([10, 10, 60, 60])]
+    torch.manual_seed(0)
+    stages = model.trace(torch.randn(1, 3, 96, 128), [(96, 128)], [(96, 128)], gt, [torch.tensor([1])]).training
+    fg = stages.roi_labels >= 1
+    assert bool(fg.any())
+    expected = model.roi_box_coder.encode(stages.rois[fg], gt[0].expand(int(fg.sum()), 4))
+    torch.testing.assert_close(stages.roi_targets[fg], expected)
+    assert bool((stages.roi_targets[~fg] == 0).all())
 
 
 def test_proposal_target_adds_ground_truth_and_respects_lower_bound():
@@ -171,6 +194,56 @@ def test_proposal_target_adds_ground_truth_and_respects_lower_bound():
 
 def test_proposal_target_no_objects():
     rois = _boxes([0, 0, 10, 10], [5, 5, 30, 30])
-    sample_rois, labels, deltas = ProposalTargetCreator()(rois, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    sample_rois, labels, matched = ProposalTargetCreator()(rois, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert labels.tolist() == [0, 0]
-    assert bool((deltas == 0).all())
+    assert bool((matched == sample_rois).all())  # no ground truth: each RoI stands for itself (no target)
+
+
+# ----------------------------------------------------------------------------- ties of equal geometry
+def _anchors64(generator: AnchorGenerator, height: int, width: int) -> torch.Tensor:
+    """The same anchors computed in float64 from their exact sides: IoUs of equal geometry agree
+    to ~1e-16 there, while the float32 anchors' rounding splits them in the last bits."""
+    rows = []
+    for r in generator.ratios:
+        for s in generator.scales:
+            h, w = generator.base_size * s * math.sqrt(r), generator.base_size * s * math.sqrt(1.0 / r)
+            rows.append((-w / 2, -h / 2, w / 2, h / 2))
+    return grid_anchors(torch.tensor(rows, dtype=torch.float64), height, width, generator.stride)
+
+
+@pytest.mark.parametrize(
+    "gt, tied, kept_by_equality",
+    [
+        ([449.0, 316.0, 502.0, 562.0], 8, 2),  # 8 ratio-2 anchors overlap it alike (IoU 0.4839)
+        ([279.0, 285.0, 293.0, 299.0], 149, 30),  # a 14 px box inside 149 large anchors (IoU 0.012)
+    ],
+)
+def test_anchor_target_keeps_every_tie_of_equal_geometry(gt, tied, kept_by_equality):
+    generator = AnchorGenerator()  # the paper's k9 anchors on a 600 x 1000 image
+    anchors, anchors64 = generator(38, 63), _anchors64(generator, 38, 63)
+    gt = torch.tensor([gt])
+    inside = inside_image(anchors, (600, 1000))
+    iou64 = torch.where(inside[:, None], box_iou(anchors64, gt.double()), -1.0)[:, 0]
+    geometric = iou64 >= iou64.max() * (1 - 1e-12)
+    assert int(geometric.sum()) == tied
+    iou = torch.where(inside[:, None], box_iou(anchors, gt), -1.0)[:, 0]
+    assert int((iou == iou.max()).sum()) == kept_by_equality  # the bug: float equality split the tie
+    # every anchor in the sample, all allowed positive: the labels before sampling
+    labels, _ = AnchorTargetCreator(n_sample=anchors.shape[0], pos_ratio=1.0)(anchors, gt, (600, 1000))
+    assert torch.equal(labels == 1, geometric)
+    # best_iou_rtol=0 is the reference implementation's float equality
+    labels, _ = AnchorTargetCreator(n_sample=anchors.shape[0], pos_ratio=1.0, best_iou_rtol=0.0)(anchors, gt, (600, 1000))
+    assert int((labels == 1).sum()) == kept_by_equality
+
+
+def test_anchor_target_tie_tolerance_is_relative_and_small():
+    gt = _boxes([0, 0, 10, 10])
+    anchors = _boxes(
+        [0, 0, 20, 20],  # IoU 0.25, the best
+        [0, 0, 20, 20.0001],  # 0.2499988: 5e-6 below, within BEST_IOU_RTOL -> also the best
+        [0, 0, 20, 20.001],  # 0.2499875: 5e-5 below -> not; IoU < 0.3 -> negative
+    )
+    iou = box_iou(anchors, gt)[:, 0]
+    assert bool(iou[1] < iou[0]) and float(1 - iou[2] / iou[0]) > BEST_IOU_RTOL > float(1 - iou[1] / iou[0])
+    labels, _ = AnchorTargetCreator(n_sample=256)(anchors, gt, (100, 100))
+    assert labels.tolist() == [1, 1, 0]

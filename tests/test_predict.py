@@ -119,13 +119,39 @@ def test_score_thresh_filters(run, tmp_path):
     assert (tmp_path / "none" / image_path.name).is_file()  # an image without detections is still written
 
 
-def test_without_the_runs_config_the_sizes_must_be_given(run, tmp_path):
+def test_a_checkpoint_alone_predicts_with_its_training_preprocessing(run, tmp_path):
+    # The checkpoint carries data.min_size/max_size and the backbone's mean/std: copied alone to
+    # an empty folder (no config.yaml of its run anywhere near), it predicts as in training.
     lone = tmp_path / "lone" / "model.ckpt"
     lone.parent.mkdir()
     shutil.copy(run["ckpt"], lone)
     image = run["images"][0]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "src" / "predict.py"), f"ckpt_path={lone}", f"input={image}", f"output={out}", "device=cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "detections.json").read_text())
+    assert (result["min_size"], result["max_size"]) == (256, 400)  # the shapes data's, from the checkpoint
+    assert [r["file"] for r in result["images"]] == [image.name] and result["failures"] == []
+    # the same detections as with the run's config.yaml beside it
+    beside = predict(compose_config([f"ckpt_path={run['ckpt']}", f"input={image}", f"output={tmp_path / 'out2'}", "score_thresh=0.0"], config_name="predict"))
+    alone = predict(compose_config([f"ckpt_path={lone}", f"input={image}", f"output={tmp_path / 'out3'}", "score_thresh=0.0"], config_name="predict"))
+    assert alone["images"][0]["detections"] == beside["images"][0]["detections"]
+    cfg = compose_config([f"ckpt_path={lone}", f"input={image}", f"output={tmp_path / 'out4'}", "min_size=128", "max_size=200"], config_name="predict")
+    assert (predict(cfg)["min_size"], predict(cfg)["max_size"]) == (128, 200)  # given sizes win
+
+
+def test_an_old_checkpoint_without_preprocessing_needs_its_config_or_sizes(run, tmp_path):
+    ckpt = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
+    del ckpt["hyper_parameters"]["model_cfg"]["preprocess"]
+    lone = tmp_path / "old" / "model.ckpt"
+    lone.parent.mkdir()
+    torch.save(ckpt, lone)
+    image = run["images"][0]
     cfg = compose_config([f"ckpt_path={lone}", f"input={image}", f"output={tmp_path / 'out'}"], config_name="predict")
-    with pytest.raises(PredictError, match=r"model\.ckpt: no config\.yaml .*min_size=600 max_size=1000"):
+    with pytest.raises(PredictError, match=r"model\.ckpt: an old checkpoint without its preprocessing.*min_size=600 max_size=1000"):
         predict(cfg)
     cfg = compose_config([f"ckpt_path={lone}", f"input={image}", f"output={tmp_path / 'out'}", "min_size=128", "max_size=200"], config_name="predict")
     result = predict(cfg)

@@ -43,6 +43,17 @@ def boxes_to_voc(boxes: Tensor) -> Tensor:
     return boxes + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
 
 
+def inside_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """``(N,)`` bool: the boxes ``(N, 4)`` lying fully inside an image of ``(height, width)``
+    (touching the border counts as inside): the anchors AnchorTargetCreator labels.
+
+    >>> inside_image(torch.tensor([[0., 0., 10., 10.], [-1., 0., 9., 10.]]), (10, 10))
+    tensor([ True, False])
+    """
+    height, width = image_size
+    return (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+
+
 def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
     """Mirror ``(N, 4)`` boxes in an image ``width`` pixels wide (continuous coordinates)."""
     x1, y1, x2, y2 = boxes.unbind(-1)

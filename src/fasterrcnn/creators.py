@@ -6,7 +6,9 @@
 
 Shape legend (one image): A = anchors (H*W*k), G = ground-truth boxes, R = RoIs.
 Box conventions are those of :mod:`fasterrcnn.boxes`. Everything stays on the input's device
-and is vectorised; sampling uses random keys, so it needs no host synchronisation.
+and is vectorised; sampling uses random keys, so it needs no host synchronisation. The IoU rules
+of both target creators are a :class:`~fasterrcnn.matcher.Matcher`, whose memory stays bounded
+however many objects an image holds.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, nms, remove_small_boxes
 
-from fasterrcnn.boxes import BoxCoder, nms_topk
+from fasterrcnn.boxes import BoxCoder, inside_image, nms_topk
+from fasterrcnn.matcher import BEST_IOU_RTOL, MAX_CHUNK_ELEMENTS, Matcher
 
 
 def _rank(keys: Tensor) -> Tensor:
@@ -54,11 +57,17 @@ class AnchorTargetCreator:
     """Assigns ground-truth boxes to anchors for training the RPN (Section 3.1.2).
 
     * only anchors lying fully inside the image are labelled (others: -1);
-    * for each ground-truth box the anchor(s) of highest IoU, ties included, are positive;
+    * for each ground-truth box the anchor(s) of highest IoU are positive, ties included (within
+      the relative tolerance :data:`~fasterrcnn.matcher.BEST_IOU_RTOL`, as float equality splits
+      ties of equal geometry);
     * an anchor with IoU >= ``pos_iou_thresh`` with any ground truth is positive;
     * an anchor whose IoU is below ``neg_iou_thresh`` for every ground truth is negative;
     * ``n_sample`` anchors are sampled with at most ``pos_ratio`` of them positive;
     * an image without objects yields only negatives.
+
+    ``best_iou_rtol``: the relative tolerance of those ties (0: float equality, as the reference
+    implementation). ``max_chunk_elements``: the IoU matrix is computed in blocks of that many
+    IoUs (None: whole).
     """
 
     def __init__(
@@ -68,12 +77,27 @@ class AnchorTargetCreator:
         neg_iou_thresh: float = 0.3,
         pos_ratio: float = 0.5,
         coder: BoxCoder | None = None,
+        best_iou_rtol: float = BEST_IOU_RTOL,
+        max_chunk_elements: int | None = MAX_CHUNK_ELEMENTS,
     ) -> None:
         self.n_sample = n_sample
         self.pos_iou_thresh = pos_iou_thresh
         self.neg_iou_thresh = neg_iou_thresh
         self.pos_ratio = pos_ratio
         self.coder = coder or BoxCoder()
+        self.best_iou_rtol = best_iou_rtol
+        self.max_chunk_elements = max_chunk_elements
+
+    @property
+    def matcher(self) -> Matcher:
+        """The IoU rules above (built from the thresholds, so a changed threshold applies)."""
+        return Matcher(
+            self.pos_iou_thresh,
+            self.neg_iou_thresh,
+            allow_low_quality_matches=True,
+            best_rtol=self.best_iou_rtol,
+            max_chunk_elements=self.max_chunk_elements,
+        )
 
     @torch.no_grad()
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -86,24 +110,10 @@ class AnchorTargetCreator:
             gt_labels ``(A,)`` int64 in {-1, 0, 1} and gt_deltas ``(A, 4)``, the regression targets
             (meaningful where the label is 1, zero elsewhere).
         """
-        height, width = image_size
-        inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width) & (anchors[:, 3] <= height)
-        labels = torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device)
-        if gt_boxes.numel() == 0:
-            labels[inside] = 0
-            return subsample_labels(labels, self.n_sample, self.pos_ratio), torch.zeros_like(anchors)
-
-        iou = box_iou(anchors, gt_boxes)  # (A, G)
-        iou = torch.where(inside[:, None], iou, -1.0)  # outside anchors never win anything
-        max_iou, matched = iou.max(dim=1)  # (A,)
-        gt_max = iou.max(dim=0).values  # (G,)
-        # The best anchor of each ground truth (all of them on ties). A ground truth that overlaps
-        # no inside anchor at all (gt_max == 0) gets none rather than every zero-IoU anchor.
-        best_of_some_gt = ((iou == gt_max[None]) & (gt_max[None] > 0)).any(dim=1)
-
-        labels = torch.where(inside & (max_iou < self.neg_iou_thresh), 0, labels)
-        labels = torch.where(inside & (best_of_some_gt | (max_iou >= self.pos_iou_thresh)), 1, labels)
+        labels, matched = self.matcher(anchors, gt_boxes, valid=inside_image(anchors, image_size))  # (A,), (A,)
         labels = subsample_labels(labels, self.n_sample, self.pos_ratio)
+        if gt_boxes.numel() == 0:
+            return labels, torch.zeros_like(anchors)
         deltas = self.coder.encode(anchors, gt_boxes[matched])
         deltas = torch.where((labels == 1)[:, None], deltas, 0.0)
         return labels, deltas
@@ -181,11 +191,15 @@ class ProposalTargetCreator:
     The ground-truth boxes are added to the proposals. A RoI with IoU >= ``pos_iou_thresh`` with
     some ground truth is foreground and takes that box's class; one with IoU in
     ``[neg_iou_thresh_lo, neg_iou_thresh_hi)`` is background. ``n_sample`` RoIs are sampled with
-    at most ``pos_ratio`` foreground. Regression targets are normalised by
-    ``loc_normalize_mean`` and ``loc_normalize_std``.
+    at most ``pos_ratio`` foreground. Each sampled RoI comes with its matched ground-truth box;
+    the RoI head's box coder (:attr:`fasterrcnn.heads.RoIHead.box_coder`, configured in the
+    ``model`` group) turns those into the normalised regression targets.
 
     The output always has ``min(n_sample, R + G)`` rows; when too few background RoIs exist the
     filling rows carry label -1 and are ignored by the losses (so shapes stay fixed).
+
+    ``max_chunk_elements``: the ``(R + G, G)`` IoU matrix is computed in blocks of that many IoUs
+    (None: whole), so memory grows linearly with G.
     """
 
     def __init__(
@@ -195,15 +209,19 @@ class ProposalTargetCreator:
         pos_iou_thresh: float = 0.5,
         neg_iou_thresh_hi: float = 0.5,
         neg_iou_thresh_lo: float = 0.0,
-        loc_normalize_mean: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-        loc_normalize_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        max_chunk_elements: int | None = MAX_CHUNK_ELEMENTS,
     ) -> None:
         self.n_sample = n_sample
         self.pos_ratio = pos_ratio
         self.pos_iou_thresh = pos_iou_thresh
         self.neg_iou_thresh_hi = neg_iou_thresh_hi
         self.neg_iou_thresh_lo = neg_iou_thresh_lo
-        self.coder = BoxCoder(loc_normalize_mean, loc_normalize_std)
+        self.max_chunk_elements = max_chunk_elements
+
+    @property
+    def matcher(self) -> Matcher:
+        """The IoU rules above (built from the thresholds, so a changed threshold applies)."""
+        return Matcher(self.pos_iou_thresh, (self.neg_iou_thresh_lo, self.neg_iou_thresh_hi), max_chunk_elements=self.max_chunk_elements)
 
     @torch.no_grad()
     def __call__(self, rois: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,28 +231,21 @@ class ProposalTargetCreator:
             gt_boxes: ``(G, 4)``; gt_labels: ``(G,)`` in 1..K.
         Returns:
             sample_rois ``(S, 4)``, gt_roi_labels ``(S,)`` (-1 ignored, 0 background, 1..K),
-            gt_roi_deltas ``(S, 4)`` normalised targets (zero unless foreground),
+            matched_gt_boxes ``(S, 4)`` the ground truth each RoI is matched to (the RoI
+            itself when the image has no objects; only foreground rows are regression targets),
             with ``S = min(n_sample, R + G)``.
         """
-        rois = torch.cat((rois, gt_boxes.to(rois.dtype)), dim=0)
+        rois = torch.cat((rois, gt_boxes.to(rois.dtype)), dim=0)  # (R+G, 4)
+        labels, matched = self.matcher(rois, gt_boxes)  # (R+G,) in {-1, 0, 1}, (R+G,)
+        labels = labels.to(gt_labels.dtype)
         if gt_boxes.numel():
-            iou = box_iou(rois, gt_boxes)  # (R+G, G)
-            max_iou, matched = iou.max(dim=1)
-            matched_boxes, matched_labels = gt_boxes[matched], gt_labels[matched]
+            matched_boxes = gt_boxes[matched]
+            labels = torch.where(labels == 1, gt_labels[matched], labels)  # foreground takes the class
         else:
-            max_iou = rois.new_zeros(rois.shape[0])
-            matched_boxes, matched_labels = rois, gt_labels.new_zeros(rois.shape[0])
-
-        labels = torch.full_like(matched_labels, -1)
-        background = (max_iou < self.neg_iou_thresh_hi) & (max_iou >= self.neg_iou_thresh_lo)
-        labels = torch.where(background, 0, labels)
-        labels = torch.where(max_iou >= self.pos_iou_thresh, matched_labels, labels)
+            matched_boxes = rois
         labels = subsample_labels(labels, self.n_sample, self.pos_ratio)
 
         # Take the sampled rows first (foreground, then background, then ignored filler).
         priority = (labels >= 1).float() * 2 + (labels == 0).float() + torch.rand(labels.shape, device=labels.device) * 0.5
         index = priority.topk(min(self.n_sample, labels.numel())).indices
-        rois, labels, matched_boxes = rois[index], labels[index], matched_boxes[index]
-        deltas = self.coder.encode(rois, matched_boxes)
-        deltas = torch.where((labels >= 1)[:, None], deltas, 0.0)
-        return rois, labels, deltas
+        return rois[index], labels[index], matched_boxes[index]

@@ -37,8 +37,17 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{cfg.ckpt_path}: the checkpoint detects {classes}, but data={cfg.data.name} has {list(cfg.data.classes)};"
             " pass the data config it was trained for (data=...)"
         )
+    # The images are prepared as the model was trained (the checkpoint carries it), unless
+    # min_size / max_size are given.
+    spec = module.model.preprocess
     with open_dict(cfg):
-        cfg.backbone = OmegaConf.create(model_cfg["backbone"])  # the data's normalisation follows the backbone
+        cfg.backbone = OmegaConf.create(model_cfg["backbone"])
+        if "preprocess" in model_cfg:
+            cfg.data.min_size, cfg.data.max_size = spec.min_size, spec.max_size
+        cfg.data.mean, cfg.data.std = list(spec.mean), list(spec.std)
+        for key in ("min_size", "max_size"):
+            if cfg.get(key) is not None:
+                cfg.data[key] = int(cfg[key])
     OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
 
     datamodule = build_datamodule(cfg)
@@ -57,10 +66,9 @@ def evaluate(cfg: DictConfig) -> dict:
         outputs = model.predict(
             batch.images, batch.image_sizes, batch.original_sizes, return_proposals=metrics.recall is not None, num_proposals=metrics.max_proposals
         )
-        for det, boxes, labels, difficult, image_id in zip(outputs, batch.original_boxes, batch.labels, batch.difficult, batch.image_ids):
-            metrics.update(det, boxes, labels, difficult)
-            image_ids.append(image_id)
-            detections.append({k: det[k].cpu() for k in ("boxes", "scores", "labels")})
+        metrics.update_batch(outputs, batch)
+        image_ids += batch.image_ids
+        detections += [{k: det[k].cpu() for k in ("boxes", "scores", "labels")} for det in outputs]
     summary = metrics.compute()
     per_class = metrics.per_class()
 

@@ -12,6 +12,11 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from torchvision.ops import roi_align, roi_pool
 
+from fasterrcnn.boxes import BoxCoder
+
+# The paper recipe's normalisation of the RoI head's deltas (torchvision's weights (10, 10, 5, 5)).
+ROI_DELTA_STD = (0.1, 0.1, 0.2, 0.2)
+
 
 def _normal_init(layer: nn.Conv2d | nn.Linear, std: float) -> None:
     """The paper: new layers start from a zero-mean Gaussian, biases at zero."""
@@ -58,6 +63,8 @@ class RoIHead(nn.Module):
         spatial_scale: 1 / feature stride.
         pooling: ``"roi_pool"`` (the paper's max pooling) or ``"roi_align"``.
         sampling_ratio, aligned: RoIAlign's settings (ignored by RoIPool).
+        box_coder: codes the deltas this head predicts (targets in training, boxes at
+            prediction); default: std ``(0.1, 0.1, 0.2, 0.2)``, the paper's recipe.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class RoIHead(nn.Module):
         aligned: bool = True,
         cls_init_std: float = 0.01,
         bbox_init_std: float = 0.001,
+        box_coder: BoxCoder | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("roi_pool", "roi_align"):
@@ -83,6 +91,7 @@ class RoIHead(nn.Module):
         self.pooling = pooling
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.box_coder = box_coder or BoxCoder(std=ROI_DELTA_STD)
         self.cls_score = nn.Linear(in_features, num_classes + 1)
         self.bbox_pred = nn.Linear(in_features, (num_classes + 1) * 4)
         _normal_init(self.cls_score, cls_init_std)

@@ -9,11 +9,11 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from fasterrcnn.build import build_model
+from fasterrcnn.build import UnsafeConfigError, build_model
 from fasterrcnn.data.datamodule import DetectionBatch
 from fasterrcnn.evaluation.metrics import DetectionMetrics
+from fasterrcnn.model import LOSS_KEYS, detections_with_proposals
 
-LOSS_KEYS = ("rpn_cls", "rpn_loc", "roi_cls", "roi_loc", "loss")
 STAT_KEYS = ("num_pos_anchors", "num_pos_rois")
 
 DEFAULT_OPTIM = {
@@ -87,9 +87,24 @@ class FasterRCNNModule(L.LightningModule):
     @classmethod
     def load(cls, checkpoint_path: str, map_location: str | torch.device = "cpu") -> FasterRCNNModule:
         """Rebuild a trained module from a checkpoint (loaded with ``weights_only=True``),
-        without fetching ImageNet weights again."""
+        without fetching ImageNet weights again.
+
+        Nothing in the checkpoint runs: only the constructor's own hyper-parameters are passed
+        on, and the model is built from :data:`fasterrcnn.build.ALLOWED_TARGETS` only
+        (:func:`fasterrcnn.build.build_model`); anything else raises
+        :class:`fasterrcnn.build.UnsafeConfigError` naming the file, the key and the value."""
+        expected = ("model_cfg", "optim", "use_07_metric", "evaluation", "on_nonfinite_loss")
         ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-        module = cls(**ckpt["hyper_parameters"], pretrained=False)
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not isinstance(hparams, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"{checkpoint_path}: not a checkpoint of this project (no hyper_parameters and state_dict)")
+        unknown = sorted(repr(k) for k in hparams if type(k) is not str or k not in expected)
+        if unknown:
+            raise UnsafeConfigError(f"{checkpoint_path}: refused, hyper_parameters has unknown key(s) {', '.join(unknown)} (expected only {', '.join(expected)})")
+        try:
+            module = cls(**hparams, pretrained=False)
+        except UnsafeConfigError as err:
+            raise UnsafeConfigError(f"{checkpoint_path}: {err}") from err
         module.load_state_dict(ckpt["state_dict"])
         return module
 
@@ -141,16 +156,16 @@ class FasterRCNNModule(L.LightningModule):
         self.evaluator.reset()
 
     def validation_step(self, batch: DetectionBatch, batch_idx: int) -> dict:
-        """Losses, detections and proposal recall; returns the detections (with proposals) for
-        callbacks such as the dashboard's image panel."""
-        out = self._losses(batch)
-        self.log_dict({f"val/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch), sync_dist=True)
+        """Losses, detections and proposal recall from one trunk pass (:meth:`FasterRCNN.trace`
+        with both branches); returns the detections (with proposals) for callbacks such as the
+        dashboard's image panel."""
+        boxes, labels = training_targets(batch)
         n_proposals = self.evaluator.max_proposals
-        detections = self.model.predict(
-            batch.images, batch.image_sizes, batch.original_sizes, return_proposals=n_proposals is not None, num_proposals=n_proposals
-        )
-        for det, gt_boxes, gt_labels, gt_difficult in zip(detections, batch.original_boxes, batch.labels, batch.difficult):
-            self.evaluator.update(det, gt_boxes, gt_labels, gt_difficult)
+        trace = self.model.trace(batch.images, batch.image_sizes, batch.original_sizes, boxes, labels, detect=True, num_proposals=n_proposals)
+        out = trace.training.losses  # type: ignore[union-attr]
+        self.log_dict({f"val/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch), sync_dist=True)
+        detections = detections_with_proposals(trace) if n_proposals is not None else trace.testing.detections  # type: ignore[union-attr]
+        self.evaluator.update_batch(detections, batch)
         return {"detections": detections}
 
     def on_validation_epoch_end(self) -> None:

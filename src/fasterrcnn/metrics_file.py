@@ -4,16 +4,28 @@ Keys (stable; documented in the README):
 
 * ``status``: ``running``, ``completed``, ``failed`` or ``interrupted``;
 * ``error``: the error message of a failed run, else null;
-* ``monitor``: the metric that picks the best checkpoint (``val/map``);
+* ``monitor``: the metric that picks the best checkpoint (``val/map``); null under
+  ``selection=none``, where nothing is picked and ``best`` is the final model;
+* ``selected_on``: the sets whose validations picked ``best`` and the best checkpoint,
+  ``{"sets": ["VOC2007/test"], "is_test": true}``; ``is_test`` says they are the test sets too,
+  so ``best`` is optimistic about the test result; null under ``selection=none``;
 * ``final``: the metrics of the last validation (``val/map``, ``val/loss``, ``val/rpn_cls``, ...,
   ``val/ap/<class>``), with its ``epoch`` and ``step``;
 * ``best``: the same for the validation with the highest ``monitor``;
 * ``epochs``, ``steps``: training progress when the file was written;
 * ``train_time_s``: wall-clock seconds of training (all parts of a resumed run);
 * ``skipped_steps``: steps skipped for a non-finite loss (``fault.on_nonfinite_loss=skip``);
+* ``skipped_samples``: bad samples left out under ``data.on_bad_sample=skip``, per stage and
+  problem kind, ``{"train": {"missing_image": 2, "unreadable_image": 1}, "val": {}, "test": {}}``
+  (the DataModule's ``skipped_by_kind``: dropped in setup, or replaced while reading; under DDP
+  the reading part is rank 0's share, and after a resume the part since the resume); also
+  logged at the end of training as ``skipped_samples/<stage>`` and
+  ``skipped_samples/<stage>/<kind>``;
 * ``resumed_from``: the checkpoint a resumed run started from, else null;
 * ``checkpoints``: paths of the ``best`` and ``last`` checkpoints;
 * ``overrides``: the command-line overrides of the run; ``output_dir``: its folder.
+
+:func:`read_run` and :func:`find_runs` read the files back (a run folder, a Hydra sweep folder).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -56,6 +70,84 @@ def read_metrics(path: str) -> dict:
         return json.load(f)
 
 
+MISSING = "missing"  # the status of a run folder without a (readable) metrics.json
+
+
+@dataclass
+class Run:
+    """One run's ``metrics.json`` as read back; ``num`` is its job number in a sweep."""
+
+    num: int | None
+    path: Path
+    status: str
+    error: str | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    epochs: int | None = None
+    train_time_s: float | None = None
+    selected_on: dict[str, Any] | None = None
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["anchor=k9", "+x=1", "~y"]`` -> ``{"anchor": "k9", "x": "1", "~y": ""}`` (order kept)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if key.startswith("~"):  # a deletion: keep the marker, it is part of what the run did
+            out[str(item) if not sep else key] = value
+            continue
+        out[key.lstrip("+")] = value
+    return out
+
+
+def _hydra_overrides(folder: Path) -> list[str]:
+    import yaml  # PyYAML comes with omegaconf
+
+    path = folder / ".hydra" / "overrides.yaml"
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return [str(x) for x in data] if isinstance(data, list) else []
+
+
+def read_run(folder: str | os.PathLike, num: int | None = None) -> Run:
+    """The run in ``folder``: its ``metrics.json`` or, where the run was killed before writing
+    one, status ``missing`` with the overrides from Hydra's ``.hydra/overrides.yaml``."""
+    folder = Path(folder)
+    data, error = None, None
+    if (folder / "metrics.json").is_file():
+        try:
+            data = read_metrics(str(folder / "metrics.json"))
+        except (OSError, ValueError) as err:
+            error = f"unreadable metrics.json: {err}"
+    if not isinstance(data, dict):
+        error = error or "no metrics.json (killed before training started?)"
+        return Run(num, folder, MISSING, error=error, overrides=parse_overrides(_hydra_overrides(folder)))
+    overrides = data.get("overrides")
+    return Run(
+        num,
+        folder,
+        status=str(data.get("status") or "unknown"),
+        error=data.get("error"),
+        overrides=parse_overrides(_hydra_overrides(folder) if overrides is None else overrides),
+        best=data.get("best") or {},
+        final=data.get("final") or {},
+        steps=data.get("steps"),
+        epochs=data.get("epochs"),
+        train_time_s=data.get("train_time_s"),
+        selected_on=data.get("selected_on"),
+    )
+
+
+def find_runs(sweep: str | os.PathLike) -> list[Run]:
+    """The runs of a Hydra sweep folder (one folder per job, named by its job number, holding a
+    ``metrics.json`` or ``.hydra/``), sorted by job number; [] when there are none."""
+    sweep = Path(sweep)
+    dirs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()] if sweep.is_dir() else []
+    dirs = [p for p in dirs if (p / "metrics.json").is_file() or (p / ".hydra").is_dir()]
+    return [read_run(p, int(p.name)) for p in sorted(dirs, key=lambda p: int(p.name))]
+
+
 class MetricsFile(L.Callback):
     """Keeps ``metrics.json`` up to date after every validation and at the end of the run.
 
@@ -63,7 +155,14 @@ class MetricsFile(L.Callback):
     keeps what the interrupted part had found.
     """
 
-    def __init__(self, path: str, monitor: str = "val/map", overrides: list[str] | None = None, output_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        monitor: str | None = "val/map",
+        overrides: list[str] | None = None,
+        output_dir: str | None = None,
+        selected_on: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.monitor = monitor
         self.start = time.time()
@@ -72,12 +171,14 @@ class MetricsFile(L.Callback):
             "status": "running",
             "error": None,
             "monitor": monitor,
+            "selected_on": selected_on if monitor is not None else None,
             "final": {},
             "best": {},
             "epochs": 0,
             "steps": 0,
             "train_time_s": 0.0,
             "skipped_steps": 0,
+            "skipped_samples": {"train": {}, "val": {}, "test": {}},
             "resumed_from": None,
             "checkpoints": {"best": None, "last": None},
             "overrides": list(overrides or []),
@@ -90,6 +191,9 @@ class MetricsFile(L.Callback):
             self.data["epochs"] = trainer.current_epoch
             self.data["steps"] = trainer.global_step
             self.data["skipped_steps"] = getattr(trainer.lightning_module, "skipped_steps", 0)
+            skipped = getattr(trainer.datamodule, "skipped_by_kind", None)  # fasterrcnn.data.VOCDataModule
+            if skipped is not None:
+                self.data["skipped_samples"] = {stage: dict(kinds) for stage, kinds in skipped.items()}
             ckpt = trainer.checkpoint_callback
             # last.ckpt is written by fasterrcnn.callbacks.LastCheckpoint, best by ModelCheckpoint.
             last = next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
@@ -122,13 +226,24 @@ class MetricsFile(L.Callback):
         metrics["step"] = trainer.global_step
         self.data["final"] = metrics
         score, best = metrics.get(self.monitor), self.data["best"].get(self.monitor)
-        if score is not None and (best is None or score > best):
+        if self.monitor is None or (score is not None and (best is None or score > best)):
             self.data["best"] = dict(metrics)
         self.write(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.write(trainer, status="interrupted" if trainer.interrupted else "completed")
+            self.log_skipped_samples(trainer)
+
+    def log_skipped_samples(self, trainer: L.Trainer) -> None:
+        """``skipped_samples`` to the loggers: ``skipped_samples/<stage>`` (0 when none) and
+        ``skipped_samples/<stage>/<kind>``."""
+        values = {}
+        for stage, kinds in self.data["skipped_samples"].items():
+            values[f"skipped_samples/{stage}"] = float(sum(kinds.values()))
+            values.update({f"skipped_samples/{stage}/{kind}": float(count) for kind, count in kinds.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero:

@@ -3,12 +3,18 @@
 Shape legend: N images, (H, W) padded input size, (h, w) feature size, k anchors per location,
 A = h*w*k anchors, G_i ground-truth boxes of image i, R RoIs over the batch, K classes.
 
-Two entry points, so validation can compute both:
+One traced forward, :meth:`FasterRCNN.trace`, runs the stages once and returns every
+intermediate result in a :class:`Trace`; the two entry points are views of it, so validation
+can compute both from one trunk pass and the tools (``scripts/explain.py``,
+``scripts/inspect_shapes.py``, ``scripts/bench.py``, the dashboard panel) read the same code
+path as training:
 
 * :meth:`FasterRCNN.losses` -> the four losses of the paper (and their sum) plus sampling stats;
 * :meth:`FasterRCNN.predict` -> detections per image in original image coordinates.
 
-Images arrive resized and normalised by the DataModule; the model does no resizing itself.
+Images arrive resized and normalised (:func:`fasterrcnn.data.transforms.prepare`, with the
+numbers of :attr:`FasterRCNN.preprocess`, which travel in the checkpoint); the model does no
+resizing itself.
 
 Each stage runs in a ``torch.profiler.record_function`` scope named after it (``backbone``,
 ``rpn_head``, ``anchors``, ``anchor_target_creator``, ``proposal_creator``,
@@ -22,7 +28,8 @@ computed in fp32 (bf16 numbers between 256 and 512 lie 2 apart: too coarse for p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +38,78 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from fasterrcnn.anchors import AnchorGenerator
 from fasterrcnn.backbones import Backbone
+from fasterrcnn.boxes import BoxCoder
 from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator
+from fasterrcnn.data.transforms import Preprocess
 from fasterrcnn.heads import RoIHead, RPNHead
 from fasterrcnn.losses import classification_loss, localisation_loss, select_class_deltas
 
 Size = tuple[int, int]  # (height, width)
+
+LOSS_KEYS = ("rpn_cls", "rpn_loc", "roi_cls", "roi_loc", "loss")
+
+
+@dataclass
+class TrainingStages:
+    """The training branch of a :class:`Trace` (ground truth given), in input coordinates.
+
+    ``anchor_labels (N, A)`` in {-1, 0, 1} and ``anchor_targets (N, A, 4)`` (AnchorTargetCreator);
+    ``proposals``: N ``(R_i, 4)`` with the training counts (ProposalCreator); ``rois (R, 4)``,
+    ``roi_batch_index (R,)``, ``roi_labels (R,)`` (-1 ignored, 0 background, 1..K) and
+    ``roi_targets (R, 4)`` normalised deltas (ProposalTargetCreator and the RoI coder);
+    ``class_logits (R, K+1)`` and ``box_deltas (R, K+1, 4)`` of the RoI head on those RoIs;
+    ``losses``: ``rpn_cls, rpn_loc, roi_cls, roi_loc, loss`` and the detached counts
+    ``num_pos_anchors, num_pos_rois`` (per image, averaged over the batch)."""
+
+    anchor_labels: Tensor
+    anchor_targets: Tensor
+    proposals: list[Tensor]
+    rois: Tensor
+    roi_batch_index: Tensor
+    roi_labels: Tensor
+    roi_targets: Tensor
+    class_logits: Tensor
+    box_deltas: Tensor
+    losses: dict[str, Tensor]
+
+
+@dataclass
+class TestStages:
+    """The detection branch of a :class:`Trace`, with the testing counts.
+
+    ``proposals``: N ``(R_i, 4)`` input-coordinate proposals by score (up to the requested
+    ``num_proposals``; the head sees the first ``n_test_post_nms`` of each: ``rois (R, 4)``,
+    ``roi_batch_index (R,)``); ``class_probs (R, K+1)``; ``boxes (R, K+1, 4)`` each RoI decoded
+    with every class's deltas (input coordinates, before clipping); ``detections``: per image
+    ``boxes (D, 4)`` in original image coordinates, ``scores (D,)``, ``labels (D,)`` in 1..K by
+    decreasing score."""
+
+    proposals: list[Tensor]
+    rois: Tensor
+    roi_batch_index: Tensor
+    class_logits: Tensor
+    box_deltas: Tensor
+    class_probs: Tensor
+    boxes: Tensor
+    detections: list[dict[str, Tensor]]
+
+
+@dataclass
+class Trace:
+    """Every stage of one forward of :class:`FasterRCNN` (:meth:`FasterRCNN.trace`).
+
+    ``features (N, C, h, w)``, ``anchors (A, 4)``, ``objectness (N, A, 2)`` logits (index 1 is
+    foreground) and ``rpn_deltas (N, A, 4)`` are shared; ``training`` is set when ground truth
+    was given, ``testing`` when detections were asked for."""
+
+    image_sizes: list[Size]
+    original_sizes: list[Size]
+    features: Tensor
+    anchors: Tensor
+    objectness: Tensor
+    rpn_deltas: Tensor
+    training: TrainingStages | None = None
+    testing: TestStages | None = None
 
 
 class FasterRCNN(nn.Module):
@@ -46,6 +120,12 @@ class FasterRCNN(nn.Module):
         num_classes: K, background excluded.
         anchor_generator: builds an :class:`AnchorGenerator` given the backbone's ``stride``.
         anchor_target_creator, proposal_creator, proposal_target_creator: the paper's rules.
+        roi_box_coder: codes the RoI head's class-specific deltas (the paper's recipe
+            normalises them by std ``(0.1, 0.1, 0.2, 0.2)``): targets in training, boxes at
+            prediction. The RPN's deltas are unnormalised (:class:`BoxCoder` defaults).
+        preprocess: the image rescaling and normalisation the weights expect
+            (:class:`fasterrcnn.data.transforms.Preprocess`); stored in checkpoints so that a
+            checkpoint alone can predict.
         rpn_mid_channels: channels of the RPN's 3x3 conv (512 for VGG16); None = trunk channels.
         roi_pooling: ``"roi_pool"`` (paper) or ``"roi_align"``.
         rpn_sigma, roi_sigma: smooth L1 sigmas (3 and 1 in the reference).
@@ -67,6 +147,8 @@ class FasterRCNN(nn.Module):
         anchor_target_creator: AnchorTargetCreator,
         proposal_creator: ProposalCreator,
         proposal_target_creator: ProposalTargetCreator,
+        roi_box_coder: BoxCoder | None = None,
+        preprocess: Preprocess | Mapping | None = None,
         rpn_mid_channels: int | None = 512,
         roi_pooling: str = "roi_pool",
         rpn_sigma: float = 3.0,
@@ -91,7 +173,13 @@ class FasterRCNN(nn.Module):
             roi_size=backbone.roi_size,
             spatial_scale=1.0 / backbone.stride,
             pooling=roi_pooling,
+            box_coder=roi_box_coder,
         )
+        if preprocess is None:
+            preprocess = Preprocess(mean=tuple(backbone.mean), std=tuple(backbone.std))  # type: ignore[arg-type]
+        elif not isinstance(preprocess, Preprocess):  # a config node (Hydra passes dataclasses on as configs)
+            preprocess = Preprocess.from_dict(preprocess)
+        self.preprocess = preprocess
         self.anchor_target_creator = anchor_target_creator
         self.proposal_creator = proposal_creator
         self.proposal_target_creator = proposal_target_creator
@@ -106,7 +194,90 @@ class FasterRCNN(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-d weights only; Module.to(device) keeps it
 
-    # ------------------------------------------------------------------ shared stages
+    @property
+    def roi_box_coder(self) -> BoxCoder:
+        return self.roi_head.box_coder
+
+    # ------------------------------------------------------------------ the traced forward
+    def trace(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        gt_boxes: Sequence[Tensor] | None = None,
+        gt_labels: Sequence[Tensor] | None = None,
+        detect: bool = False,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        num_proposals: int | None = None,
+    ) -> Trace:
+        """Run the detector once and keep every stage.
+
+        Args:
+            images: ``(N, 3, H, W)`` normalised, zero-padded.
+            image_sizes: ``(h, w)`` of each image before padding; original_sizes: before resizing.
+            gt_boxes, gt_labels: N ``(G_i, 4)`` boxes in input coordinates and ``(G_i,)`` labels
+                in 1..K: when given, the training branch (targets, sampled RoIs, losses) runs.
+            detect: run the detection branch (testing counts, no gradient).
+            score_thresh, nms_thresh: override the model's for the detections.
+            num_proposals: return up to this many test proposals (e.g. 2000 for proposal
+                recall); the detections still come from the testing count, which are the
+                first of them (NMS keeps score order).
+        """
+        features, objectness, rpn_deltas, anchors = self.rpn_forward(images)
+        trace = Trace(list(image_sizes), list(original_sizes), features, anchors, objectness, rpn_deltas)
+        if gt_boxes is not None:
+            if gt_labels is None:
+                raise ValueError("trace: gt_boxes were given without gt_labels")
+            trace.training = self._training_stages(trace, gt_boxes, gt_labels)
+        if detect:
+            with torch.no_grad():
+                trace.testing = self._test_stages(trace, score_thresh, nms_thresh, num_proposals)
+        return trace
+
+    def losses(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        gt_boxes: Sequence[Tensor],
+        gt_labels: Sequence[Tensor],
+    ) -> dict[str, Tensor]:
+        """The four losses and their sum, with the training proposal counts
+        (:attr:`TrainingStages.losses` of :meth:`trace`).
+
+        Returns:
+            ``rpn_cls, rpn_loc, roi_cls, roi_loc, loss`` (differentiable) and the detached counts
+            ``num_pos_anchors, num_pos_rois`` (per image, averaged over the batch).
+        """
+        return self.trace(images, image_sizes, original_sizes, gt_boxes, gt_labels).training.losses  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        return_proposals: bool = False,
+        num_proposals: int | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Detections with the testing proposal counts (:attr:`TestStages.detections`).
+
+        Returns:
+            per image a dict with ``boxes (D, 4)`` in original image coordinates,
+            ``scores (D,)``, ``labels (D,)`` in 1..K, sorted by decreasing score; with
+            ``return_proposals`` also ``proposals (R_i, 4)`` in original coordinates, by score
+            (up to ``num_proposals``).
+        """
+        trace = self.trace(
+            images, image_sizes, original_sizes, detect=True, score_thresh=score_thresh, nms_thresh=nms_thresh,
+            num_proposals=num_proposals if return_proposals else None,
+        )
+        return detections_with_proposals(trace) if return_proposals else trace.testing.detections  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ stages
     def rpn_forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Trunk and RPN head: features ``(N, C, h, w)``, logits ``(N, A, 2)``, deltas ``(N, A, 4)``,
         anchors ``(A, 4)``."""
@@ -139,102 +310,61 @@ class FasterRCNN(nn.Module):
                 for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
             ]
 
-    # ------------------------------------------------------------------ training
-    def losses(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[Size],
-        original_sizes: Sequence[Size],
-        gt_boxes: Sequence[Tensor],
-        gt_labels: Sequence[Tensor],
-    ) -> dict[str, Tensor]:
-        """The four losses and their sum, with the training proposal counts.
-
-        Args:
-            images: ``(N, 3, H, W)`` normalised, zero-padded.
-            image_sizes: ``(h, w)`` of each image before padding; original_sizes: before resizing.
-            gt_boxes: N tensors ``(G_i, 4)`` in input coordinates; gt_labels: N ``(G_i,)`` in 1..K.
-        Returns:
-            ``rpn_cls, rpn_loc, roi_cls, roi_loc, loss`` (differentiable) and the detached counts
-            ``num_pos_anchors, num_pos_rois`` (per image, averaged over the batch).
-        """
-        n = images.shape[0]
-        features, logits, deltas, anchors = self.rpn_forward(images)
-
+    def _training_stages(self, trace: Trace, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> TrainingStages:
+        n = trace.features.shape[0]
+        sizes = trace.image_sizes
         # RPN targets: (N, A) labels and (N, A, 4) deltas.
         with record_function("anchor_target_creator"):
-            rpn_targets = [self.anchor_target_creator(anchors, gt_boxes[i], image_sizes[i]) for i in range(n)]
-            rpn_labels = torch.stack([t[0] for t in rpn_targets])
-            rpn_gt_deltas = torch.stack([t[1] for t in rpn_targets])
+            rpn_targets = [self.anchor_target_creator(trace.anchors, gt_boxes[i], sizes[i]) for i in range(n)]
+            anchor_labels = torch.stack([t[0] for t in rpn_targets])
+            anchor_targets = torch.stack([t[1] for t in rpn_targets])
 
         # RoI head targets on the sampled proposals.
-        proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=True)
+        proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, trace.original_sizes, training=True)
         with record_function("proposal_target_creator"):
             sampled = [self.proposal_target_creator(proposals[i], gt_boxes[i], gt_labels[i]) for i in range(n)]
             rois = torch.cat([s[0] for s in sampled])  # (R, 4)
             roi_labels = torch.cat([s[1] for s in sampled])  # (R,)
-            roi_gt_deltas = torch.cat([s[2] for s in sampled])  # (R, 4)
-            batch_index = torch.cat([torch.full((s[0].shape[0],), i, device=rois.device) for i, s in enumerate(sampled)])
-        cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
+            matched = torch.cat([s[2] for s in sampled])  # (R, 4) the ground truth of each RoI
+            roi_targets = torch.where((roi_labels >= 1)[:, None], self.roi_box_coder.encode(rois, matched), 0.0)
+            batch_index = batch_indices([s[0] for s in sampled])
+        class_logits, box_deltas = self.roi_head(trace.features, rois, batch_index)
 
         with record_function("losses"):
             # fp32 under autocast: the losses sum over thousands of items.
-            logits, deltas, cls_logits, roi_deltas = logits.float(), deltas.float(), cls_logits.float(), roi_deltas.float()
+            logits, deltas = trace.objectness.float(), trace.rpn_deltas.float()
+            cls_logits, roi_deltas = class_logits.float(), box_deltas.float()
             losses = {
-                "rpn_cls": classification_loss(logits.reshape(-1, 2), rpn_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
-                "rpn_loc": localisation_loss(deltas.reshape(-1, 4), rpn_gt_deltas.reshape(-1, 4), rpn_labels.reshape(-1), self.rpn_sigma),
+                "rpn_cls": classification_loss(logits.reshape(-1, 2), anchor_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
+                "rpn_loc": localisation_loss(deltas.reshape(-1, 4), anchor_targets.reshape(-1, 4), anchor_labels.reshape(-1), self.rpn_sigma),
                 "roi_cls": classification_loss(cls_logits, roi_labels, self.focal_gamma, self.focal_alpha),
-                "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_gt_deltas, roi_labels, self.roi_sigma),
+                "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_targets, roi_labels, self.roi_sigma),
             }
             losses["loss"] = losses["rpn_cls"] + losses["rpn_loc"] + losses["roi_cls"] + losses["roi_loc"]
-            losses["num_pos_anchors"] = (rpn_labels == 1).sum().float() / n
+            losses["num_pos_anchors"] = (anchor_labels == 1).sum().float() / n
             losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
-        return losses
+        return TrainingStages(anchor_labels, anchor_targets, proposals, rois, batch_index, roi_labels, roi_targets, class_logits, box_deltas, losses)
 
-    # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def predict(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[Size],
-        original_sizes: Sequence[Size],
-        score_thresh: float | None = None,
-        nms_thresh: float | None = None,
-        return_proposals: bool = False,
-        num_proposals: int | None = None,
-    ) -> list[dict[str, Tensor]]:
-        """Detections with the testing proposal counts.
-
-        Args:
-            num_proposals: with ``return_proposals``, return up to this many proposals (e.g. 2000
-                for proposal recall); the detections still come from the testing count, which
-                are the first of them (NMS keeps score order).
-        Returns:
-            per image a dict with ``boxes (D, 4)`` in original image coordinates,
-            ``scores (D,)``, ``labels (D,)`` in 1..K, sorted by decreasing score; with
-            ``return_proposals`` also ``proposals (R_i, 4)`` in original coordinates, by score.
-        """
+    def _test_stages(self, trace: Trace, score_thresh: float | None, nms_thresh: float | None, num_proposals: int | None) -> TestStages:
         score_thresh = self.score_thresh if score_thresh is None else score_thresh
         nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
-        features, logits, deltas, anchors = self.rpn_forward(images)
+        sizes, originals = trace.image_sizes, trace.original_sizes
         n_test = self.proposal_creator.n_post_nms["testing"]
-        n_post = max(n_test, num_proposals) if return_proposals and num_proposals else None
-        all_proposals = self.proposals(logits, deltas, anchors, image_sizes, original_sizes, training=False, n_post_nms=n_post)
+        n_post = max(n_test, num_proposals) if num_proposals else None
+        all_proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, originals, training=False, n_post_nms=n_post)
         proposals = [p[:n_test] for p in all_proposals]
         rois = torch.cat(proposals)
-        batch_index = torch.cat([torch.full((p.shape[0],), i, device=rois.device) for i, p in enumerate(proposals)])
-        cls_logits, roi_deltas = self.roi_head(features, rois, batch_index)
+        batch_index = batch_indices(proposals)
+        class_logits, box_deltas = self.roi_head(trace.features, rois, batch_index)
         with record_function("postprocess"):
-            probs = cls_logits.float().softmax(dim=-1)  # (R, K+1)
-            boxes = self.proposal_target_creator.coder.decode(rois[:, None, :], roi_deltas.float())  # (R, K+1, 4)
-
-            results = []
-            for i, (probs_i, boxes_i, rois_i) in enumerate(zip(probs.split(len_list(proposals)), boxes.split(len_list(proposals)), all_proposals)):
-                result = self.postprocess(probs_i, boxes_i, image_sizes[i], original_sizes[i], score_thresh, nms_thresh)
-                if return_proposals:
-                    result["proposals"] = to_original(rois_i, image_sizes[i], original_sizes[i])
-                results.append(result)
-        return results
+            probs = class_logits.float().softmax(dim=-1)  # (R, K+1)
+            boxes = self.roi_box_coder.decode(rois[:, None, :], box_deltas.float())  # (R, K+1, 4)
+            counts = [p.shape[0] for p in proposals]
+            detections = [
+                self.postprocess(probs_i, boxes_i, sizes[i], originals[i], score_thresh, nms_thresh)
+                for i, (probs_i, boxes_i) in enumerate(zip(probs.split(counts), boxes.split(counts)))
+            ]
+        return TestStages(all_proposals, rois, batch_index, class_logits, box_deltas, probs, boxes, detections)
 
     def postprocess(
         self, probs: Tensor, boxes: Tensor, image_size: Size, original_size: Size, score_thresh: float, nms_thresh: float
@@ -256,8 +386,19 @@ class FasterRCNN(nn.Module):
         return {"boxes": to_original(boxes[keep], image_size, original_size), "scores": scores[keep], "labels": labels[keep]}
 
 
-def len_list(tensors: Sequence[Tensor]) -> list[int]:
-    return [t.shape[0] for t in tensors]
+def detections_with_proposals(trace: Trace) -> list[dict[str, Tensor]]:
+    """:attr:`TestStages.detections` of ``trace`` with each image's ``proposals (R_i, 4)`` in
+    original image coordinates added (for proposal recall and the dashboard panel)."""
+    assert trace.testing is not None
+    return [
+        {**det, "proposals": to_original(p, size, orig)}
+        for det, p, size, orig in zip(trace.testing.detections, trace.testing.proposals, trace.image_sizes, trace.original_sizes)
+    ]
+
+
+def batch_indices(per_image: Sequence[Tensor]) -> Tensor:
+    """``(R,)`` the image index of each row of ``torch.cat(per_image)``."""
+    return torch.cat([torch.full((t.shape[0],), i, device=t.device) for i, t in enumerate(per_image)])
 
 
 def to_original(boxes: Tensor, image_size: Size, original_size: Size) -> Tensor:
@@ -265,3 +406,8 @@ def to_original(boxes: Tensor, image_size: Size, original_size: Size) -> Tensor:
     sy = original_size[0] / image_size[0]
     sx = original_size[1] / image_size[1]
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+
+def to_resized(boxes: Tensor, image_size: Size, original_size: Size) -> Tensor:
+    """Inverse of :func:`to_original`: ``(M, 4)`` original-image boxes -> resized-image boxes."""
+    return to_original(boxes, original_size, image_size)

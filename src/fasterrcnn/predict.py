@@ -2,10 +2,10 @@
 their detections drawn and ``detections.json``. ``src/predict.py`` is a thin Hydra entry point
 around it (``conf/predict.yaml``); tests call it directly with a composed config.
 
-Images are preprocessed as in training (:class:`fasterrcnn.data.DetectionDataset` without the
-flip): :func:`fasterrcnn.data.transforms.resize` to the run's ``data.min_size``/``max_size``
-(from the ``config.yaml`` the run wrote next to its ``checkpoints/`` folder, or given), then
-:func:`fasterrcnn.data.transforms.normalize` with the checkpoint's backbone mean/std.
+Images are prepared as in training (:func:`fasterrcnn.data.transforms.prepare`, without the
+flip) with the preprocessing the checkpoint carries (:attr:`FasterRCNN.preprocess`: the run's
+``data.min_size``/``max_size`` and the backbone's mean/std), so the checkpoint file alone is
+enough; ``min_size``/``max_size`` override the sizes.
 
 Boxes in ``detections.json`` are PASCAL VOC's 1-based inclusive pixel coordinates
 ``[xmin, ymin, xmax, ymax]`` (:func:`fasterrcnn.boxes.boxes_to_voc`), as in VOC annotations:
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from PIL import Image, ImageFont
 from torch import Tensor
 
 from fasterrcnn.boxes import boxes_to_voc
-from fasterrcnn.data.transforms import normalize, resize
+from fasterrcnn.build import UnsafeConfigError
+from fasterrcnn.data.transforms import Preprocess, prepare
 from fasterrcnn.data.voc import load_image
 from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import write_json
@@ -72,15 +74,18 @@ def run_config_path(ckpt_path: str | Path) -> Path | None:
     return None
 
 
-def data_sizes(ckpt_path: str | Path, min_size: int | None = None, max_size: int | None = None) -> tuple[int, int]:
-    """The rescaling the checkpoint was trained with: ``min_size``/``max_size`` when given, else
-    ``data.min_size``/``data.max_size`` of the run's :func:`run_config_path`."""
-    if min_size is None or max_size is None:
+def preprocessing(module: FasterRCNNModule, ckpt_path: str | Path, min_size: int | None = None, max_size: int | None = None) -> Preprocess:
+    """How to prepare an image for the checkpoint's model: its stored :class:`Preprocess`
+    (checkpoints carry it), with ``min_size``/``max_size`` replaced when given. A checkpoint
+    written before the preprocessing travelled with the weights takes its sizes from the
+    ``config.yaml`` of its run (:func:`run_config_path`) when there is one."""
+    spec = module.model.preprocess
+    if "preprocess" not in module.hparams["model_cfg"] and (min_size is None or max_size is None):
         config = run_config_path(ckpt_path)
         if config is None:
             raise PredictError(
-                f"{ckpt_path}: no config.yaml of its run found (looked in {Path(ckpt_path).parent} and"
-                f" {Path(ckpt_path).parent.parent}), so the training image size is unknown;"
+                f"{ckpt_path}: an old checkpoint without its preprocessing, and no config.yaml of its run found (looked in"
+                f" {Path(ckpt_path).parent} and {Path(ckpt_path).parent.parent}), so the training image size is unknown;"
                 " give it, e.g. min_size=600 max_size=1000 (the paper's VOC sizes; the shapes data uses 256/400)"
             )
         try:
@@ -90,9 +95,9 @@ def data_sizes(ckpt_path: str | Path, min_size: int | None = None, max_size: int
         except Exception as err:
             raise PredictError(f"{config}: cannot read data.min_size/data.max_size ({err}); give min_size=... max_size=...") from err
     for name, value in (("min_size", min_size), ("max_size", max_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise PredictError(f"{name}={value!r}: must be a positive integer (pixels)")
-    return min_size, max_size
+    return replace(spec, min_size=spec.min_size if min_size is None else min_size, max_size=spec.max_size if max_size is None else max_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +121,8 @@ def load_module(ckpt_path: str | Path, device: torch.device) -> FasterRCNNModule
         raise PredictError(f"ckpt_path={ckpt_path}: no such file")
     try:
         module = FasterRCNNModule.load(str(ckpt_path))
+    except UnsafeConfigError as err:  # names the file, the key and the value; nothing was built
+        raise PredictError(str(err)) from err
     except Exception as err:
         raise PredictError(f"{ckpt_path}: cannot load it as a Faster R-CNN checkpoint of this project ({type(err).__name__}: {err})") from err
     return module.to(device).eval()
@@ -125,14 +132,12 @@ def load_module(ckpt_path: str | Path, device: torch.device) -> FasterRCNNModule
 def detect(
     model: FasterRCNN,
     image: Tensor,
-    min_size: int,
-    max_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    spec: Preprocess | None = None,
     score_thresh: float | None = None,
     nms_thresh: float | None = None,
 ) -> dict[str, Tensor]:
-    """Detections on one uint8 ``(3, H, W)`` image, preprocessed as in training.
+    """Detections on one uint8 ``(3, H, W)`` image, prepared as in training
+    (:func:`fasterrcnn.data.transforms.prepare` with ``spec``, default the model's own).
 
     Returns:
         ``boxes (D, 4)`` continuous coordinates of the original image, ``scores (D,)``,
@@ -140,9 +145,8 @@ def detect(
     """
     device = next(model.parameters()).device
     original_size = (image.shape[-2], image.shape[-1])
-    resized, _ = resize(image.to(device), torch.zeros(0, 4, device=device), min_size, max_size)
-    x = normalize(resized, mean, std)[None]  # (1, 3, h, w)
-    det = model.predict(x, [(x.shape[-2], x.shape[-1])], [original_size], score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
+    x, _ = prepare(image.to(device), None, spec or model.preprocess)
+    det = model.predict(x[None], [(x.shape[-2], x.shape[-1])], [original_size], score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
     return {k: v.cpu() for k, v in det.items()}
 
 
@@ -191,7 +195,7 @@ def predict(cfg: DictConfig) -> dict:
 
     ``cfg`` keys (``conf/predict.yaml``): ``ckpt_path``, ``input`` (an image or a folder),
     ``output`` (a folder; null: Hydra's run folder), ``score_thresh``, ``nms_thresh`` (null: the
-    checkpoint's), ``device``, ``min_size``/``max_size`` (null: the run's config.yaml) and
+    checkpoint's), ``device``, ``min_size``/``max_size`` (null: the checkpoint's) and
     ``draw`` (``line_width``, ``font``, ``font_size``; null: sized to each image).
 
     An image that cannot be read or processed does not stop the others: it is logged and listed
@@ -210,7 +214,6 @@ def predict(cfg: DictConfig) -> dict:
     nms_thresh = cfg.get("nms_thresh")
     ckpt_path, input_path = Path(str(cfg.ckpt_path)), Path(str(cfg.input))
     images = find_images(input_path)
-    min_size, max_size = data_sizes(ckpt_path, cfg.get("min_size"), cfg.get("max_size"))
     device = resolve_device(str(cfg.get("device", "auto")))
     draw = drawing_options(cfg.get("draw"))
 
@@ -220,9 +223,9 @@ def predict(cfg: DictConfig) -> dict:
         raise PredictError(f"output={out_dir} is the input folder: the drawn images would overwrite the originals; choose another output")
 
     module = load_module(ckpt_path, device)
+    spec = preprocessing(module, ckpt_path, cfg.get("min_size"), cfg.get("max_size"))
+    min_size, max_size = spec.min_size, spec.max_size
     class_names = module.class_names
-    backbone = module.hparams["model_cfg"]["backbone"]
-    mean, std = backbone["mean"], backbone["std"]
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("%s on %d image(s), %s, min_size=%d max_size=%d, score > %.2f -> %s", ckpt_path, len(images), device, min_size, max_size, score_thresh, out_dir)
 
@@ -231,7 +234,7 @@ def predict(cfg: DictConfig) -> dict:
     for path in images:
         try:
             image = load_image(str(path))
-            det = detect(module.model, image, min_size, max_size, mean, std, score_thresh, nms_thresh)
+            det = detect(module.model, image, spec, score_thresh, nms_thresh)
             drawn = draw_detections(image, det["boxes"], det["labels"], det["scores"], class_names, **draw)
             save_image(drawn, out_dir / path.name)
         except Exception as err:  # one bad image must not cost the others their results

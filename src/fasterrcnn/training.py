@@ -3,6 +3,7 @@ entry point around it; tests call it directly with a composed config."""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 
@@ -19,7 +20,29 @@ from fasterrcnn.build import build_datamodule, model_config
 from fasterrcnn.callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint
 from fasterrcnn.dashboards import DashboardPanels
 from fasterrcnn.lit import FasterRCNNModule
+from fasterrcnn.data import VOCDataModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
+
+log = logging.getLogger(__name__)
+
+# cfg.selection: what picks metrics.json's `best` and the best checkpoint (README "Model selection")
+SELECTION = ("val", "none")
+
+
+def selected_on(selection: str, datamodule: VOCDataModule) -> dict | None:
+    """metrics.json's ``selected_on`` under ``selection`` (null for "none"), warning when the
+    validation sets are the test sets, so that `best` is chosen on test."""
+    if selection not in SELECTION:
+        raise ValueError(f"selection must be one of {', '.join(SELECTION)}, not {selection!r}")
+    if selection == "none":
+        return None
+    if datamodule.val_is_test:
+        log.warning(
+            "selection=val on %s, which is also the test split: `best` and the best checkpoint are chosen on test "
+            "(optimistic); report `final`, or set selection=none or data.val_holdout=0.05",
+            ", ".join(datamodule.set_names("val")),
+        )
+    return {"sets": datamodule.set_names("val"), "is_test": datamodule.val_is_test}
 
 
 def wandb_has_credentials() -> bool:
@@ -91,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
     """Train and validate Faster R-CNN as ``cfg`` says; returns the contents of ``metrics.json``.
 
     Writes into ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (best by
-    ``val/map`` and last), the loggers' folders and ``metrics.json``.
+    ``val/map``, or the latest under ``selection=none``, and last), the loggers' folders and ``metrics.json``.
     """
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -100,7 +123,8 @@ def train(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
     overrides, name, group = hydra_run_info()
-    metrics = MetricsFile(os.path.join(output_dir, "metrics.json"), overrides=overrides, output_dir=output_dir)
+    monitor = None if cfg.get("selection", "val") == "none" else "val/map"
+    metrics = MetricsFile(os.path.join(output_dir, "metrics.json"), monitor=monitor, overrides=overrides, output_dir=output_dir)
     metrics.write()
     loggers: list[Logger] = []
     try:
@@ -108,6 +132,7 @@ def train(cfg: DictConfig) -> dict:
         metrics.data["resumed_from"] = ckpt_path
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build_datamodule(cfg)
+        metrics.data["selected_on"] = selected_on(cfg.get("selection", "val"), datamodule)
         module = FasterRCNNModule(
             model_config(cfg),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -137,7 +162,7 @@ def train(cfg: DictConfig) -> dict:
                 dirpath=checkpoint_dir,
                 filename="epoch{epoch:03d}-map{val/map:.4f}",
                 auto_insert_metric_name=False,
-                monitor="val/map",
+                monitor=monitor,  # None (selection=none): the latest validated weights
                 mode="max",
             ),
             # last.ckpt: the latest state, also every N steps and at Ctrl-C (after the callback

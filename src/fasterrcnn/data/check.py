@@ -9,6 +9,10 @@ bad, "warning" leaves it usable (clipped boxes, an image without objects).
 Images are opened for their header only (size and EXIF orientation, about 0.2 ms each), so a
 file whose pixels are corrupt after a valid header is found only with ``decode=True``, or when
 the reader decodes it in training.
+
+Symbolic links are followed (a dataset's images often live on another disk); an image or
+annotation whose real path lies outside the dataset folder is an ``outside_link`` warning, so
+the report says what outside the folder is read.
 """
 
 from __future__ import annotations
@@ -25,26 +29,44 @@ from fasterrcnn.data.voc import (
     image_path,
     image_size,
     load_image,
+    not_a_file,
+    printable,
     read_annotation,
     split_ids,
 )
 
-__all__ = ["Problem", "bad_samples", "check_sample", "check_samples", "check_split", "count_kinds", "describe"]
+__all__ = ["Problem", "bad_samples", "check_sample", "check_samples", "check_split", "count_kinds", "describe", "outside_link"]
 
 
-def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decode: bool = False) -> list[Problem]:
-    """Every problem of one sample: its annotation (:func:`read_annotation`), its image (there,
-    readable; fully decoded when ``decode``) and whether the annotation's ``<size>`` is the
-    image's size as displayed (after EXIF rotation), the size its boxes refer to."""
+def outside_link(root: str, path: str, image_id: str | None = None) -> Problem | None:
+    """An ``outside_link`` warning when ``path`` (``root/<folder>/<name>``) exists and really lies
+    outside ``root``: the file or its folder is a symbolic link leading out (a broken link is
+    reported by the reader as missing). Two ``lstat`` calls when neither is a link (the usual
+    case)."""
+    if not (os.path.islink(path) or os.path.islink(os.path.dirname(path))) or not os.path.exists(path):
+        return None
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) == real_root:
+        return None
+    return Problem(path, "outside_link", f"is a link to {real}, outside the dataset folder {real_root} (followed: it is read)", image_id)
+
+
+def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decode: bool = False, max_objects: int | None = None) -> list[Problem]:
+    """Every problem of one sample: its annotation (:func:`read_annotation`, at most
+    ``max_objects`` objects), its image (there, a file, readable; fully decoded when ``decode``),
+    whether the annotation's ``<size>`` is the image's size as displayed (after EXIF rotation),
+    the size its boxes refer to, and links leading outside ``root`` (:func:`outside_link`)."""
     xml = annotation_path(root, image_id)
-    target, problems = read_annotation(xml, class_to_index, image_id)
+    target, problems = read_annotation(xml, class_to_index, image_id, max_objects)
     img = image_path(root, image_id)
-    if not os.path.isfile(img):
-        return problems + [Problem(img, "missing_image", "image not found", image_id)]
+    problems += [p for p in (outside_link(root, xml, image_id), outside_link(root, img, image_id)) if p is not None]
+    why = not_a_file(img, "image")
+    if why is not None:
+        return problems + [Problem(img, "missing_image", why, image_id)]
     try:
         size = tuple(load_image(img).shape[-2:]) if decode else image_size(img)
     except DatasetError as err:
-        return problems + [Problem(img, "unreadable_image", str(err).removeprefix(f"{img}: "), image_id)]
+        return problems + [Problem(img, "unreadable_image", str(err).removeprefix(printable(f"{img}: ")), image_id)]
     if target is None:
         return problems
     if target["size"] is None:  # no <size>: the boxes can only be checked against the image
@@ -56,16 +78,19 @@ def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decod
     return problems
 
 
-def check_samples(root: str, ids: Iterable[str], class_to_index: dict[str, int], decode: bool = False) -> list[Problem]:
+def check_samples(
+    root: str, ids: Iterable[str], class_to_index: dict[str, int], decode: bool = False, max_objects: int | None = None
+) -> list[Problem]:
     """:func:`check_sample` over ``ids``."""
-    return [p for image_id in ids for p in check_sample(root, image_id, class_to_index, decode)]
+    return [p for image_id in ids for p in check_sample(root, image_id, class_to_index, decode, max_objects)]
 
 
-def check_split(root: str, split: str, classes: Sequence[str], decode: bool = False) -> list[Problem]:
-    """Every problem of one split of a VOC-layout folder: the split file, then each sample."""
+def check_split(root: str, split: str, classes: Sequence[str], decode: bool = False, max_objects: int | None = None) -> list[Problem]:
+    """Every problem of one split of a VOC-layout folder: the split file (:func:`split_ids`),
+    then each sample it lists (once, however often it is listed)."""
     ids, problems = split_ids(root, split)
     class_to_index = {name: i + 1 for i, name in enumerate(classes)}
-    return problems + check_samples(root, ids, class_to_index, decode)
+    return problems + check_samples(root, ids, class_to_index, decode, max_objects)
 
 
 def bad_samples(problems: Iterable[Problem]) -> dict[str, Problem]:

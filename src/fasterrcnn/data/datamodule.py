@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -17,8 +18,8 @@ from fasterrcnn.callbacks import ResumableLoader
 from fasterrcnn.data.check import bad_samples, check_samples, describe
 from fasterrcnn.data.download import download_voc
 from fasterrcnn.data.shapes import ensure_dataset
-from fasterrcnn.data.transforms import hflip, normalize, resize
-from fasterrcnn.data.voc import DatasetError, VOCDetection, split_path
+from fasterrcnn.data.transforms import Preprocess, prepare
+from fasterrcnn.data.voc import MAX_OBJECTS, DatasetError, VOCDetection, read_split, split_path
 
 Size = tuple[int, int]
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class DetectionBatch:
     """A collated batch. ``images (N, 3, H, W)`` are zero-padded to the largest image;
     ``image_sizes`` are the sizes before padding, ``original_sizes`` before resizing. ``boxes``
     are in input (resized) coordinates, ``original_boxes`` in original image coordinates.
-    ``skipped``: ``(stage, message)`` of each bad sample replaced by the next good one while
+    ``skipped``: ``(stage, kind, message)`` of each bad sample replaced by the next good one while
     reading this batch (``data.on_bad_sample=skip``), so the count reaches the main process
     from DataLoader workers."""
 
@@ -46,7 +47,7 @@ class DetectionBatch:
     difficult: list[Tensor]
     original_boxes: list[Tensor]
     image_ids: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_sizes)
@@ -93,8 +94,9 @@ def collate(items: Sequence[dict]) -> DetectionBatch:
 
 
 class DetectionDataset(Dataset):
-    """Wraps a :class:`VOCDetection`: resize (shorter side ``min_size``, longer at most
-    ``max_size``), flip with probability ``flip_prob``, normalise with the backbone's mean/std.
+    """Wraps a :class:`VOCDetection`: :func:`fasterrcnn.data.transforms.prepare` (resize: shorter
+    side ``min_size``, longer at most ``max_size``; flip with probability ``flip_prob``;
+    normalise with the backbone's mean/std).
 
     A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
     raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
@@ -114,8 +116,7 @@ class DetectionDataset(Dataset):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, not {on_bad_sample!r}")
         self.voc = voc
-        self.min_size, self.max_size = min_size, max_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.preprocess = Preprocess.from_dict({"min_size": min_size, "max_size": max_size, "mean": mean, "std": std})
         self.flip_prob = flip_prob
         self.on_bad_sample = on_bad_sample
         self.stage = stage
@@ -123,9 +124,10 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.voc)  # type: ignore[arg-type]
 
-    def _read(self, index: int) -> tuple[dict, list[tuple[str, str]]]:
-        """The item at ``index``, or under "skip" the next good one, and what was skipped."""
-        skipped: list[tuple[str, str]] = []
+    def _read(self, index: int) -> tuple[dict, list[tuple[str, str, str]]]:
+        """The item at ``index``, or under "skip" the next good one, and what was skipped
+        (``(stage, kind, message)``)."""
+        skipped: list[tuple[str, str, str]] = []
         for step in range(min(len(self), MAX_CONSECUTIVE_BAD)):
             try:
                 return self.voc[(index + step) % len(self)], skipped
@@ -133,18 +135,17 @@ class DetectionDataset(Dataset):
                 if self.on_bad_sample == "error":
                     raise
                 log.warning("data.on_bad_sample=skip: skipping a bad %s sample: %s", self.stage or "data", err)
-                skipped.append((self.stage, str(err)))
-        raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][1]}")
+                skipped.append((self.stage, getattr(err, "kind", None) or "other", str(err)))
+        raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][2]}")
 
     def __getitem__(self, index: int) -> dict:
         item, skipped = self._read(index)
         image, boxes = item["image"], item["boxes"]
         original_size = tuple(image.shape[-2:])
-        image, boxes = resize(image, boxes, self.min_size, self.max_size)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
-            image, boxes = hflip(image, boxes)
+        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
+        image, boxes = prepare(image, boxes, self.preprocess, flip=flip)
         return {
-            "image": normalize(image, self.mean, self.std),
+            "image": image,
             "boxes": boxes,
             "labels": item["labels"],
             "difficult": item["difficult"],
@@ -153,6 +154,13 @@ class DetectionDataset(Dataset):
             "image_id": item["image_id"],
             "skipped": skipped,
         }
+
+
+def in_holdout(image_id: str, fraction: float) -> bool:
+    """Whether ``image_id`` falls in a ``fraction`` holdout (``data.val_holdout``): the first 8
+    bytes of the SHA-1 of the id, read as a number in [0, 1), are below ``fraction``. About
+    ``fraction`` of the images; always the same ones, whatever the seed or the split's order."""
+    return int.from_bytes(hashlib.sha1(image_id.encode()).digest()[:8], "big") / 2**64 < fraction
 
 
 def _year_of(root: str) -> str | None:
@@ -178,6 +186,11 @@ class VOCDataModule(L.LightningDataModule):
             ``seed``); when set, ``root`` is the generated folder under ``data_dir``.
         download: download missing VOC years (needs internet) instead of failing.
         data_dir: where the built-in data is generated and VOC is downloaded.
+        val_holdout: a fraction (0 < f < 1) of the training sets held out to be the validation
+            set instead of ``val_sets``, so model selection never sees the test split: an image
+            is held out when the SHA-1 of its id, read as a number in [0, 1), is below ``f``
+            (:func:`in_holdout`; the same images whatever the seed or the order of the split
+            file). 0 (default): validate on ``val_sets``.
         on_bad_sample: what a bad sample does, ``"error"`` (default) or ``"skip"``. ``setup``
             checks every annotation and image header of each split up front
             (:mod:`fasterrcnn.data.check`, about 0.3 ms a sample), so a bad annotation, a
@@ -186,8 +199,12 @@ class VOCDataModule(L.LightningDataModule):
             images are then decoded in full too). A training image that fails to decode later,
             in a DataLoader, raises naming it ("error") or is replaced by the next good sample
             with a warning ("skip"). ``skipped`` counts the dropped samples per stage,
-            ``problems`` lists them. Boxes reaching outside their image are clipped to it and
-            images without objects train as background under both.
+            ``skipped_by_kind`` per stage and problem kind (``{"train": {"missing_image": 2}}``,
+            written to ``metrics.json`` as ``skipped_samples``), ``problems`` lists them. Boxes
+            reaching outside their image are clipped to it and images without objects train as
+            background under both. An empty or unreadable split file stops ``setup`` under both.
+        max_objects: an annotation with more objects is a bad sample (``too_many_objects``:
+            memory grows with the objects of one image); None: no cap.
     """
 
     def __init__(
@@ -209,10 +226,18 @@ class VOCDataModule(L.LightningDataModule):
         download: bool = False,
         data_dir: str = "data",
         on_bad_sample: str = "error",
+        val_holdout: float = 0.0,
+        max_objects: int | None = MAX_OBJECTS,
     ) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, not {on_bad_sample!r}")
+        if max_objects is not None and (isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1):
+            raise ValueError(f"data.max_objects must be a positive integer or null (no cap), not {max_objects!r}")
+        self.max_objects = max_objects
+        if not 0.0 <= val_holdout < 1.0:
+            raise ValueError(f"data.val_holdout is a fraction of the training images in [0, 1), not {val_holdout!r}")
+        self.val_holdout = float(val_holdout)
         self.name = name
         self.classes = tuple(classes)
         self.root = root
@@ -229,6 +254,7 @@ class VOCDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         # the bad samples dropped (setup) or replaced (while reading), per stage
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
+        self.skipped_by_kind: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
         # Set by training (fasterrcnn.callbacks.ExactResume, the run's seed): the training loader
         # then resumes mid-epoch exactly (fasterrcnn.callbacks.ResumableLoader).
         self.resume_position = None
@@ -273,8 +299,37 @@ class VOCDataModule(L.LightningDataModule):
             out.append((root, spec["split"]))
         return out
 
+    def set_names(self, stage: str) -> list[str]:
+        """``<folder>/<split>`` of each set of ``stage`` (``shapes/val``, ``VOC2007/test``); the
+        validation holdout as ``holdout 5% of VOC2007/trainval``. Reads no files."""
+        if stage == "val" and self.val_holdout:
+            return [f"holdout {100 * self.val_holdout:g}% of {name}" for name in self.set_names("train")]
+        return [f"{os.path.basename(os.path.normpath(spec.get('root') or self.root or self.name))}/{spec['split']}" for spec in self.sets[stage]]
+
+    @property
+    def val_is_test(self) -> bool:
+        """True when the validation sets are the test sets (VOC2007 test under data=voc2007), so
+        that choosing on validation chooses on test."""
+        if self.val_holdout:
+            return False
+        resolved = {stage: [(spec.get("root") or self.root, spec["split"]) for spec in self.sets[stage]] for stage in ("val", "test")}
+        return resolved["val"] == resolved["test"]
+
+    def _sets(self, stage: str) -> list[VOCDetection]:
+        """The VOC sets of ``stage``; under ``val_holdout`` "val" is the held-out part of the
+        training sets and "train" the rest."""
+        if not self.val_holdout or stage not in ("train", "val"):
+            return [VOCDetection(root, split, self.classes, max_objects=self.max_objects) for root, split in self.splits(stage)]
+        out = []
+        for root, split in self.splits("train"):
+            ids = [i for i in read_split(root, split) if in_holdout(i, self.val_holdout) == (stage == "val")]
+            if not ids:
+                raise DatasetError(f"data.val_holdout={self.val_holdout}: no {stage} image left of the {split_path(root, split)} split; change the fraction")
+            out.append(VOCDetection(root, split, self.classes, ids=ids, max_objects=self.max_objects))
+        return out
+
     def _dataset(self, stage: str) -> Dataset:
-        parts = [self._checked(stage, VOCDetection(root, split, self.classes)) for root, split in self.splits(stage)]
+        parts = [self._checked(stage, voc) for voc in self._sets(stage)]
         voc = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         flip = self.flip_prob if stage == "train" else 0.0
         # Only training replaces a sample that fails to decode: in evaluation the replacement
@@ -288,7 +343,7 @@ class VOCDataModule(L.LightningDataModule):
         images are decoded in full (about 5 ms each), so the evaluated set is fixed here."""
         split = split_path(voc.root, voc.split)
         decode = self.on_bad_sample == "skip" and stage != "train"
-        problems = check_samples(voc.root, voc.ids, voc.class_to_index, decode=decode)
+        problems = check_samples(voc.root, voc.ids, voc.class_to_index, decode=decode, max_objects=voc.max_objects)
         clipped = [p for p in problems if p.kind == "box_clipped"]
         if clipped:
             log.warning("%s: %d boxes reach outside their image and are clipped to it:\n%s", split, len(clipped), describe(clipped, 3))
@@ -304,12 +359,18 @@ class VOCDataModule(L.LightningDataModule):
             )
         note = "" if stage == "train" else f"; the {stage} metrics are over the other {len(voc) - len(bad)}"
         log.warning("%s: skipping %d of %d %s samples that are bad (data.on_bad_sample=skip%s):\n%s", split, len(bad), len(voc), stage, note, listing)
-        self.skipped[stage] += len(bad)
-        self.problems[stage] += [str(p) for p in bad.values()]
+        for p in bad.values():
+            self._count_skip(stage, p.kind, str(p))
         ids = [i for i in voc.ids if i not in bad]
         if not ids:
             raise DatasetError(f"{split}: every {stage} sample is bad, nothing left to use:\n{listing}")
-        return VOCDetection(voc.root, voc.split, voc.classes, ids=ids)
+        return VOCDetection(voc.root, voc.split, voc.classes, ids=ids, max_objects=voc.max_objects)
+
+    def _count_skip(self, stage: str, kind: str, message: str) -> None:
+        self.skipped[stage] = self.skipped.get(stage, 0) + 1
+        kinds = self.skipped_by_kind.setdefault(stage, {})
+        kinds[kind] = kinds.get(kind, 0) + 1
+        self.problems.setdefault(stage, []).append(message)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -335,9 +396,8 @@ class VOCDataModule(L.LightningDataModule):
         if isinstance(batch, DetectionBatch):
             # samples replaced while reading (data.on_bad_sample=skip), counted here in the main
             # process because DataLoader workers' own counts never come back
-            for stage, message in batch.skipped:
-                self.skipped[stage] = self.skipped.get(stage, 0) + 1
-                self.problems.setdefault(stage, []).append(message)
+            for stage, kind, message in batch.skipped:
+                self._count_skip(stage, kind, message)
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

@@ -68,6 +68,12 @@ class DetectionMetrics:
         if self.recall is not None and "proposals" in detection:
             self.recall.update(detection["proposals"], gt_boxes, gt_difficult)
 
+    def update_batch(self, detections: Sequence[dict[str, Tensor]], batch) -> None:
+        """Every image of ``batch`` (a :class:`fasterrcnn.data.DetectionBatch`) with its
+        ``detections`` (:meth:`update`), against the original-coordinate ground truth."""
+        for det, gt_boxes, gt_labels, gt_difficult in zip(detections, batch.original_boxes, batch.labels, batch.difficult):
+            self.update(det, gt_boxes, gt_labels, gt_difficult)
+
     def compute(self) -> dict[str, float]:
         """The flat dict described in the module docstring (NaN where a value is undefined)."""
         out: dict[str, float] = {}
