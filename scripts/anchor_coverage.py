@@ -52,7 +52,8 @@ from torch import Tensor
 from fasterrcnn.anchors import AnchorGenerator
 from fasterrcnn import build
 from fasterrcnn.boxes import inside_image
-from fasterrcnn.build import CONF_DIR, build_datamodule, parse_script_args
+from fasterrcnn.build import CONF_DIR, build_datamodule
+from fasterrcnn.cli import parse_script_args
 from fasterrcnn.creators import AnchorTargetCreator
 from fasterrcnn.data import DatasetError, collate
 from fasterrcnn.lit import training_targets

@@ -70,7 +70,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align, roi_pool
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
+from fasterrcnn.build import build_datamodule, build_model, model_config
+from fasterrcnn.cli import parse_script_args
 from fasterrcnn.data import DetectionBatch, collate
 from fasterrcnn.lit import training_targets
 from fasterrcnn.model import FasterRCNN

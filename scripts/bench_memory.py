@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 
 from fasterrcnn.bench.memory import DEFAULT_COUNTS, DEFAULT_IMAGE_SIZE, markdown_table, measure
-from fasterrcnn.build import parse_script_args
+from fasterrcnn.cli import parse_script_args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

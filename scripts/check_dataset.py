@@ -33,7 +33,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from fasterrcnn import build
-from fasterrcnn.build import parse_script_args
+from fasterrcnn.cli import parse_script_args
 from fasterrcnn.data import DatasetError
 from fasterrcnn.data.check import check_split, count_kinds
 from fasterrcnn.data.voc import PROBLEM_KINDS, Problem, split_ids

@@ -35,7 +35,8 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
 from fasterrcnn import build
-from fasterrcnn.build import UnsafeConfigError, build_datamodule, build_model, model_config, parse_script_args
+from fasterrcnn.build import UnsafeConfigError, build_datamodule, build_model, model_config
+from fasterrcnn.cli import parse_script_args
 from fasterrcnn.data import collate
 from fasterrcnn.data.transforms import denormalize
 from fasterrcnn.lit import FasterRCNNModule

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from fasterrcnn import build
-from fasterrcnn.build import build_datamodule, build_model, model_config, parse_script_args
+from fasterrcnn.build import build_datamodule, build_model, model_config
+from fasterrcnn.cli import parse_script_args
 from fasterrcnn.data import DatasetError, DetectionBatch, collate
 from fasterrcnn.lit import training_targets
 from fasterrcnn.model import FasterRCNN

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,16 +60,6 @@ def compose_config(
     if pretrained is not None and "pretrained" in cfg.backbone:
         cfg.backbone.pretrained = pretrained
     return cfg
-
-
-def parse_script_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """A script's own ``--options`` and, everything else, Hydra overrides of ``conf/train.yaml``;
-    an unknown ``--option`` is an error rather than a silently ignored override."""
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognised option(s): {' '.join(unknown)} (everything else must be a Hydra override key=value)")
-    return args, overrides
 
 
 def to_container(cfg: Mapping | DictConfig) -> dict:
