@@ -1,7 +1,9 @@
-"""scripts/bench.py keeps working, and the speed-ups keep the results.
+"""The speed bench (:mod:`fasterrcnn.bench`) measures what it says, and the speed-ups keep the results.
 
-* bench.py runs in a tiny configuration (tiny net, small image, one repeat) and prints its table
-  and writes its JSON;
+* the bench in a tiny configuration (tiny net, small image, one repeat): every figure of its JSON
+  is present and consistent (medians of the recorded runs, ratios of those medians, a stage
+  split of the model's own record_function scopes that fits in the profiled step);
+* torchvision's twin starts from copies of our weights and gives our proposals and detections;
 * every optimised path gives what its reference path gives on a fixed input: NMS that stops at
   the kept count against torchvision's NMS, the detector with it against the detector with
   torchvision's NMS, channels-last against the default layout; bf16 autocast runs.
@@ -9,8 +11,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
-import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,71 +23,106 @@ import torch
 from torchvision.ops import nms
 
 import fasterrcnn.creators
+from fasterrcnn.bench.accuracy import precision_map
+from fasterrcnn.bench.harness import Contender, load_batch
+from fasterrcnn.bench.speed import SpeedOptions, run
+from fasterrcnn.bench.stages import INFER_STAGES, TRAIN_STAGES, profile_stages
+from fasterrcnn.bench.twin import check_anchors, inference_difference, torchvision_twin
 from fasterrcnn.boxes import nms_topk
-from fasterrcnn.build import build_model, model_config
+from fasterrcnn.build import build_model, model_config, to_container
+from fasterrcnn.lit import FasterRCNNModule
 
 from .conftest import SMALL_DATA, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["backbone.widths=[8,16,16,32]", "backbone.head_features=64"]
+CONTENDERS = {"ours", "torchvision", "torchvision_same"}
 
 
-# ---------------------------------------------------------------------------- bench.py
-def test_bench_script_prints_ratios_and_writes_json(tmp_path, data_dir):
-    out = tmp_path / "bench.json"
-    args = [
-        *TINY,
-        *SMALL_DATA,
-        f"paths.data_dir={data_dir}",
-        "model.channels_last=true",  # also times torchvision with our settings
-        "--image-size", "96", "128",
-        "--repeats", "1",
-        "--warmup", "0",
-        "--data-images", "2",
-        "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+# ---------------------------------------------------------------------------- the bench
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, data_dir):
+    """One tiny bench run with channels-last (so torchvision is also timed with our settings)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    overrides = [*TINY, *SMALL_DATA, f"paths.data_dir={data_dir}", "model.channels_last=true"]
+    lines: list[str] = []
+    options = SpeedOptions(repeats=2, warmup=0, image_size=[96, 128], data_images=2, out=str(out))
+    result = run(overrides, options, log=lines.append)
+    return {"result": result, "json": json.loads(out.read_text()), "log": "\n".join(lines), "options": options}
+
+
+def test_bench_writes_what_it_returns_and_prints_the_table(bench):
+    assert bench["json"] == bench["result"]
     for line in (
         "training step ours / torchvision",
         "inference ours / torchvision",
         "training ours / torchvision, our settings",
         "outside them",
         "images/s delivered",
+        "peak RSS growth",
     ):
-        assert line in proc.stdout
-    result = json.loads(out.read_text())
+        assert line in bench["log"]
+    result = bench["result"]
     assert result["config"]["image_size"] == [96, 128]
+    assert result["config"]["settings"] == {"channels_last": True, "precision": "32-true"}
+    assert result["machine"]["torch_threads"] == torch.get_num_threads() and result["machine"]["load_average_at_start"]
+
+
+def test_bench_medians_and_ratios_come_from_the_recorded_runs(bench):
+    result, repeats = bench["result"], bench["options"].repeats
+    for key in ("train", "infer", "train_cpu", "infer_cpu"):
+        assert set(result[f"{key}_s"]) == CONTENDERS
+        for name in CONTENDERS:
+            runs = result[f"{key}_runs_s"][name]
+            assert len(runs) == repeats and all(t > 0 for t in runs)
+            assert result[f"{key}_s"][name] == statistics.median(runs)
+        assert result[f"{key}_ratio"] == pytest.approx(result[f"{key}_s"]["ours"] / result[f"{key}_s"]["torchvision"])
+    for key in ("train", "infer"):
+        assert result[f"{key}_ratio_same_settings"] == pytest.approx(result[f"{key}_s"]["ours"] / result[f"{key}_s"]["torchvision_same"])
+
+
+def test_bench_checks_the_twin_against_ours(bench):
+    result = bench["result"]
     assert result["anchor_max_abs_diff_px"] <= 1e-3
-    assert set(result["train_s"]) == {"ours", "torchvision", "torchvision_same"}
-    for key in (
-        "train_ratio",
-        "infer_ratio",
-        "train_ratio_same_settings",
-        "infer_ratio_same_settings",
-    ):
-        assert result[key] > 0
-    assert set(result["split"]["train_forward"]) >= {
-        "backbone",
-        "anchor_target_creator",
-        "proposal_creator",
-        "proposal_target_creator",
-        "roi_pool",
-        "losses",
-    }
-    assert result["split"]["train_forward"]["backbone"] > 0 and result["split"]["infer"]["postprocess"] > 0
-    assert set(result["memory"]) == {"ours", "torchvision", "torchvision_same"}
-    assert all(m["peak_rss_mib"] > 0 for m in result["memory"].values())
-    assert result["data"]["images_per_s"] > 0
+    twin = result["twin_inference_diff"]
+    assert twin["same_counts"] and twin["proposals"] > 0
+    assert twin["proposals_px"] <= 1e-3 and twin["boxes_px"] <= 1e-3 and twin["labels_differ"] == 0
+    assert len(result["differences"]) == 4
+
+
+def test_bench_stage_split_is_the_model_scopes_and_fits_in_the_step(bench):
+    result = bench["result"]
+    split = result["split"]
+    assert tuple(split["train_forward"]) == TRAIN_STAGES and tuple(split["infer"]) == INFER_STAGES
+    for stages, step in ((split["train_forward"], split["profiled_train_step_s"]), (split["infer"], split["profiled_infer_s"])):
+        assert all(t >= 0 for t in stages.values()) and stages["backbone"] > 0
+        assert sum(stages.values()) <= step
+    assert split["train_forward"]["backbone"] + split["train_forward"]["losses"] <= split["profiled_train_step_s"]
+    assert split["infer"]["postprocess"] > 0 and split["train_forward"]["proposal_creator"] > 0
+    # with 2 runs the medians of the parts add up to the median step only approximately
+    parts = split["forward_s"] + split["backward_s"] + split["optimizer_s"]
+    assert parts == pytest.approx(result["train_s"]["ours"], rel=0.5)
+    assert sum(split["forward_backward_optimizer_cpu_s"]) == pytest.approx(result["train_cpu_s"]["ours"], rel=0.5)
+    isolated = split["isolated"]
+    assert 0 < isolated["num_rois"] <= 128  # the sampled RoIs of one image (sampler.proposal_target.n_sample)
+    assert all(isolated[k] > 0 for k in ("trunk", "trunk_cpu", "roi_head_layers", "roi_head_layers_cpu"))
+    assert 0 < split["trunk_and_head_param_share"] < 1
+    expected = result["train_cpu_s"]["ours"] - isolated["trunk_cpu"] - isolated["roi_head_layers_cpu"]
+    expected -= split["forward_backward_optimizer_cpu_s"][2] * split["trunk_and_head_param_share"]
+    assert split["outside_cpu_s"] == pytest.approx(expected)
+    assert split["outside_share"] == pytest.approx(split["outside_cpu_s"] / result["train_cpu_s"]["ours"])
+
+
+def test_bench_data_and_memory_figures(bench):
+    result = bench["result"]
+    data = result["data"]
+    assert data["images_per_s"] > 0 and data["num_workers"] == 0
+    assert data["train_steps_per_s"] == pytest.approx(1 / result["train_s"]["ours"])
+    assert data["ratio"] == pytest.approx(data["images_per_s"] / data["train_steps_per_s"])
+    assert set(result["memory"]) == CONTENDERS
+    for m in result["memory"].values():
+        assert m["peak_rss_mib"] >= m["rss_after_build_mib"] > 0
+        assert m["peak_growth_mib"] == pytest.approx(m["peak_rss_mib"] - m["rss_after_build_mib"])
 
 
 def test_bench_rejects_unknown_options(tmp_path):
@@ -97,6 +135,78 @@ def test_bench_rejects_unknown_options(tmp_path):
         check=False,
     )  # not --repeats
     assert proc.returncode != 0 and "--repeat" in proc.stderr
+
+
+def test_bf16_map_scores_a_checkpoint_in_both_precisions(tmp_path, data_dir):
+    cfg = compose_config([f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}", *TINY, *SMALL_DATA])
+    module = FasterRCNNModule(model_config(cfg), optim=to_container(cfg.optim))
+    ckpt = tmp_path / "untrained.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": copy.deepcopy(dict(module.hparams))}, ckpt)
+    out = precision_map(cfg, str(ckpt), log=lambda msg: None)
+    assert set(out) == {"fp32", "bf16"}
+    for figures in out.values():
+        assert figures["images"] == 8 and figures["seconds_per_image"] > 0 and 0.0 <= figures["map"] <= 1.0
+    other = compose_config([f"paths.output_dir={tmp_path}", f"paths.data_dir={data_dir}", *TINY, *SMALL_DATA, "data.classes=[a,b]"])
+    with pytest.raises(ValueError, match="the checkpoint detects"):
+        precision_map(other, str(ckpt))
+
+
+# ---------------------------------------------------------------------------- torchvision's twin
+def _tiny_model(overrides=()):
+    cfg = compose_config(["paths.output_dir=/tmp/unused", *TINY, *overrides])
+    torch.manual_seed(0)
+    return build_model(model_config(cfg))
+
+
+def _input():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 160, 224, generator=g)
+    return images, [(160, 224)], [(320, 448)]
+
+
+@pytest.mark.parametrize("overrides", [["model.channels_last=false"], ["model.channels_last=true", "model.roi_pooling=roi_align"]])
+def test_twin_gives_our_proposals_and_detections(overrides):
+    model = _tiny_model(overrides)
+    tv = torchvision_twin(model, channels_last=model.channels_last)
+    images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(1))
+    assert check_anchors(model, tv, images) == 0.0
+    diff = inference_difference(model, tv, images)
+    assert diff["same_counts"] and diff["proposals"] == 2 * model.proposal_creator.n_post_nms["testing"] and diff["detections"] > 0
+    assert diff["proposals_px"] <= 1e-4 and diff["boxes_px"] <= 1e-4 and diff["scores"] <= 1e-6 and diff["labels_differ"] == 0
+
+
+@pytest.fixture(scope="module")
+def bench_batch(data_dir):
+    """The bench's batch: the first validation image at 96x128."""
+    return load_batch(compose_config(["paths.output_dir=/tmp/unused", f"paths.data_dir={data_dir}", *SMALL_DATA]), [96, 128])
+
+
+def test_twin_trains_copies_of_our_weights(bench_batch):
+    model = _tiny_model()
+    tv = torchvision_twin(model)
+    pairs = [
+        (model.trunk, tv.backbone.body),
+        (model.rpn, tv.rpn.head.rpn),
+        (model.roi_head.head, tv.roi_heads.box_head),
+        (model.roi_head.cls_score, tv.roi_heads.box_predictor.cls_score),
+        (model.roi_head.bbox_pred, tv.roi_heads.box_predictor.bbox_pred),
+    ]
+    for ours, theirs in pairs:
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+    before = copy.deepcopy(model.state_dict())
+    Contender("torchvision", tv, "torchvision", bench_batch).train_step()
+    assert not torch.equal(tv.backbone.body[0][0].weight, model.trunk[0][0].weight), "the twin's step changed nothing"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "training the twin changed our weights"
+
+
+def test_stage_split_rejects_a_model_without_our_scopes(bench_batch):
+    model = _tiny_model()
+    stages = profile_stages(Contender("ours", model, "ours", bench_batch))
+    assert tuple(stages["train"]) == TRAIN_STAGES and sum(stages["train"].values()) <= stages["train_step_s"]
+    assert tuple(stages["infer"]) == INFER_STAGES and sum(stages["infer"].values()) <= stages["infer_s"]
+    with pytest.raises(RuntimeError, match="no record_function scope backbone"):
+        profile_stages(Contender("torchvision", torchvision_twin(model), "torchvision", bench_batch))
 
 
 # ---------------------------------------------------------------------------- NMS that stops early
@@ -128,18 +238,6 @@ def test_nms_topk_empty():
 
 
 # ---------------------------------------------------------------------------- the detector: optimised vs reference
-def _tiny_model(overrides=()):
-    cfg = compose_config(["paths.output_dir=/tmp/unused", *TINY, *overrides])
-    torch.manual_seed(0)
-    return build_model(model_config(cfg))
-
-
-def _input():
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(1, 3, 160, 224, generator=g)
-    return images, [(160, 224)], [(320, 448)]
-
-
 def _assert_same_detections(a, b, atol=0.0):
     assert len(a) == len(b)
     for da, db in zip(a, b):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fasterrcnn.data import DatasetError, VOCDetection, collate
-from fasterrcnn.data.datamodule import DetectionDataset
+from fasterrcnn.data.dataset import DetectionDataset
 from fasterrcnn.data.shapes import SHAPE_CLASSES, dataset_params, ensure_dataset, generate, render_image
 from fasterrcnn.data.transforms import hflip, rescale_factor, resize
 from fasterrcnn.data.voc import parse_voc_xml

@@ -1,6 +1,6 @@
-"""scripts/explain.py: the pipeline figures, from an untrained model and from a checkpoint."""
+"""The pipeline figures (fasterrcnn.analysis.explain, scripts/explain.py), from an untrained
+model and from a checkpoint."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasterrcnn.analysis import explain
 from fasterrcnn.anchors import AnchorGenerator
 from fasterrcnn.build import compose_config
+from fasterrcnn.data.transforms import Preprocess, rescale_factor
+from fasterrcnn.model import FasterRCNN
 from fasterrcnn.training import train
 
 from .conftest import SMALL_DATA
@@ -20,13 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "explain.py"
 TINY_NET = ["backbone.widths=[8,16,16,32]", "backbone.head_features=64"]
 PANELS = ["1_anchors", "2_anchor_targets", "3_proposals", "4_roi_samples", "5_detections", "pipeline"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("explain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_explain(args, cwd):
@@ -73,24 +69,63 @@ def test_untrained_model_draws_every_panel_with_sane_counts(tmp_path, data_dir):
     assert counts(stdout, "5 detections")["gt"] >= rois["gt"]  # difficult objects are not targets
 
 
-def test_checkpoint_model_is_explained(make_cfg, tmp_path, data_dir, capsys):
+def test_checkpoint_model_is_explained_from_the_file_alone(make_cfg, tmp_path, data_dir, monkeypatch):
     few_steps = ["trainer.max_steps=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.max_epochs=1"]
-    ckpt = train(make_cfg(TINY_NET + few_steps))["checkpoints"]["last"]
+    ckpt = train(make_cfg(TINY_NET + few_steps + ["data.min_size=200", "data.max_size=320"]))["checkpoints"]["last"]
     out = tmp_path / "explain_ckpt"
-    capsys.readouterr()
-    # In-process (the subprocess path is covered above). No TINY_NET: the detector comes from the checkpoint.
-    load_script().main(["--ckpt", ckpt, "--out", str(out), "--score", "0.0", "--max-dets", "10", f"paths.data_dir={data_dir}", *SMALL_DATA])
-    stdout = capsys.readouterr().out
+    # No TINY_NET and the default sizes (256/400): the detector, its classes and its
+    # preprocessing (200/320) come from the checkpoint; the config only says where the data is.
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA], tmp_path)
+    traces = []
+    real_trace = FasterRCNN.trace
+
+    def trace(self, *args, **kwargs):
+        traces.append(real_trace(self, *args, **kwargs))
+        return traces[-1]
+
+    monkeypatch.setattr(FasterRCNN, "trace", trace)
+    stdout = "\n".join(explain.explain(cfg, ckpt, out=out, score=0.0, max_dets=10))
     assert_pngs(out)
     assert f"checkpoint {ckpt}" in stdout and "UNTRAINED" not in stdout
+    (t,) = traces  # one forward for every panel
+    (oh, ow), (h, w) = t.original_sizes[0], t.image_sizes[0]
+    scale = rescale_factor(oh, ow, 200, 320)  # the checkpoint's sizes, not the config's 256/400
+    assert (h, w) == (round(oh * scale), round(ow * scale)) and max(h, w) <= 320
     detections = counts(stdout, "5 detections")["detections"]
+    assert detections == len(t.testing.detections[0]["scores"]) > 0
     scores = [float(x) for x in re.findall(r"\w+ (\d\.\d\d)", stdout.split("5 detections:")[1])]
-    assert detections > 0 and len(scores) == min(detections, 10)  # the line lists the first 10
+    assert len(scores) == min(detections, 10)  # the line lists the first 10
     assert scores == sorted(scores, reverse=True)
+    rois = counts(stdout, "4 roi samples")
+    assert rois["rois"] == t.training.rois.shape[0] and rois["proposals"] == t.training.proposals[0].shape[0]
+
+    # data of other classes than the checkpoint's: refused, naming both
+    other = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "data.classes=[circle,square,triangle,diamond,star,blob]"], tmp_path)
+    with pytest.raises(ValueError, match=r"the checkpoint detects .*'cross'.*'blob'.* pass the data config it was trained for"):
+        explain.explain(other, ckpt, out=tmp_path / "other")
+
+
+def test_stages_come_from_one_trace(tmp_path, data_dir):
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *TINY_NET], tmp_path)
+    model, names, spec = explain.load_model(cfg, None)
+    model.eval()
+    item = explain.item_at(explain.load_split(cfg, "val", spec), 1)
+    s = explain.run_stages(model, item, score=0.0, num_negatives=7, seed=3)
+    keep = ~item["difficult"]
+    torch.manual_seed(3)  # the same draws as run_stages
+    with torch.no_grad():
+        size, orig = s.size, tuple(item["original_size"])
+        trace = model.trace(item["image"][None], [size], [orig], [item["boxes"][keep]], [item["labels"][keep]], detect=True, score_thresh=0.0)
+    assert torch.equal(s.anchor_labels, trace.training.anchor_labels[0]) and torch.equal(s.rois, trace.training.rois)
+    assert torch.equal(s.roi_labels, trace.training.roi_labels) and torch.equal(s.test_proposals, trace.testing.proposals[0])
+    det = trace.testing.detections[0]
+    assert torch.allclose(s.det_boxes, det["boxes"] * torch.tensor([size[1] / orig[1], size[0] / orig[0]] * 2))  # resized coordinates
+    assert torch.equal(s.det_scores, det["scores"]) and s.num_gt == int(keep.sum())
+    assert len(s.shown_negatives) == 7 and bool((s.anchor_labels[s.shown_negatives] == 0).all())
+    assert s.anchors.shape[0] == s.feature_size[0] * s.feature_size[1] * s.k and s.cell_anchors.shape == (s.k, 4)
 
 
 def test_anchors_of_a_cell_are_centred_on_it():
-    explain = load_script()
     gen = AnchorGenerator(scales=[1, 2, 4], ratios=[0.5, 1, 2], stride=16)
     anchors = gen(5, 7)
     i, j = explain.nearest_cell(x=100.0, y=40.0, stride=16, height=5, width=7)
@@ -102,13 +137,13 @@ def test_anchors_of_a_cell_are_centred_on_it():
 
 
 def test_untrained_backbone_is_never_downloaded(tmp_path):
-    explain = load_script()
     cfg = compose_config(["backbone=resnet18"], tmp_path)  # pretrained: true in the config
-    model, names = explain.load_model(cfg, None)
+    model, names, spec = explain.load_model(cfg, None)
     assert names == list(cfg.data.classes) and model.num_classes == len(names)
+    assert spec == model.preprocess == Preprocess.from_dict({k: cfg.data[k] for k in ("min_size", "max_size", "mean", "std")})
 
 
 def test_index_out_of_range_is_an_error(tmp_path, data_dir):
-    explain = load_script()
-    with pytest.raises(SystemExit, match="out of range"):
-        explain.main(["--index", "999", "--out", str(tmp_path), f"paths.data_dir={data_dir}", *SMALL_DATA, *TINY_NET])
+    cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, *TINY_NET], tmp_path)
+    with pytest.raises(ValueError, match="--index 999 is out of range: the val split has 8 images"):
+        explain.explain(cfg, index=999, out=tmp_path)

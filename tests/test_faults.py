@@ -1,4 +1,4 @@
-"""Faults: a non-finite loss (stop or skip), a killed run resumed exactly, Ctrl-C."""
+"""Faults: a non-finite loss (stop or skip), a diverging but finite loss, a killed run resumed exactly, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -88,6 +88,48 @@ def test_nonfinite_loss_skip_goes_on_and_counts(tmp_path, data_dir, monkeypatch)
     ckpt = torch.load(metrics["checkpoints"]["last"], map_location="cpu", weights_only=True)
     assert ckpt["skipped_steps"] == 2
     assert all(torch.isfinite(w).all() for w in ckpt["state_dict"].values())
+
+
+def test_a_diverging_finite_loss_warns_once_and_metrics_json_says_so(tmp_path, data_dir, monkeypatch):
+    """From global step 5 on the loss reads 1e6 x its value (its gradients unchanged): finite, so
+    the run completes, but it says so once, in a warning and in metrics.json's `warnings`."""
+    losses = FasterRCNNModule._losses
+
+    def patched(self, batch):
+        out = losses(self, batch)
+        if self.training and self.global_step >= 5:
+            out = {**out, "loss": out["loss"] + out["loss"].detach() * (1e6 - 1)}
+        return out
+
+    monkeypatch.setattr(FasterRCNNModule, "_losses", patched)
+    cfg = _cfg(tmp_path, data_dir, "diverging", ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "callbacks.divergence.window=3"])
+    with pytest.warns(UserWarning, match=r"the training loss is diverging: \S+ at global step 6 \(epoch 0\), above 10000") as record:
+        metrics = train(cfg)
+    assert sum("diverging" in str(w.message) for w in record) == 1
+    assert metrics["status"] == "completed" and metrics["steps"] == EPOCH
+    (warning,) = metrics["warnings"]
+    assert (warning["kind"], warning["step"]) == ("diverging_loss", 6) and warning["loss"] > 1e5
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["warnings"] == metrics["warnings"]
+
+
+def test_a_loss_far_above_its_early_median_warns():
+    """The relative rule alone (no absolute bound): 10 x the median of the first `window` losses."""
+    from types import SimpleNamespace
+
+    from fasterrcnn.callbacks import DivergenceWarning
+
+    watch = DivergenceWarning(every_n_steps=2, window=3, factor=10.0, max_loss=None)
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0)
+    with pytest.warns(UserWarning, match="diverging: 400 at global step 12"):
+        for step, loss in enumerate([4.0, 9.0, 3.0, 2.0, 1.0, 5.0, 1.0, 25.0, 500.0, 31.0, 1.0, 400.0], start=1):
+            trainer.global_step = step
+            watch.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step - 1)
+    # looked at: steps 2, 4, 6 (baseline 9, 2, 5: median 5), 8 (25: not above 50), 10 (31), 12 (400): warned
+    assert watch.early == [9.0, 2.0, 5.0] and [(w["step"], w["loss"]) for w in watch.warnings] == [(12, 400.0)]
+    assert "above 10 x 5, the median of the first 3" in watch.warnings[0]["message"]
+    again = DivergenceWarning(every_n_steps=2, window=3, max_loss=None)
+    again.load_state_dict(watch.state_dict())
+    assert again.early == watch.early and again.warnings == watch.warnings
 
 
 def test_unknown_nonfinite_policy_is_refused(tmp_path, data_dir):

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from fasterrcnn.build import build_datamodule, model_config
+from fasterrcnn.build import UnsafeConfigError, build_datamodule, model_config
 from fasterrcnn.data import collate
 from fasterrcnn.lit import FasterRCNNModule, training_targets
 from fasterrcnn.training import train
@@ -17,30 +18,66 @@ from .conftest import compose_config
 TINY_NET = ["backbone.widths=[8,16,16,32]", "backbone.head_features=64"]
 
 
-def _module(overrides=()):
-    cfg = compose_config(["paths.output_dir=/tmp/unused", "optim=sgd", *TINY_NET, *overrides])
-    return FasterRCNNModule(model_config(cfg), optim=dict(cfg.optim))
+def _module(overrides=(), optim="sgd"):
+    cfg = compose_config(["paths.output_dir=/tmp/unused", f"optim={optim}", *TINY_NET, *overrides])
+    return FasterRCNNModule(model_config(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True))
 
 
-def test_sgd_biases_get_double_lr_and_no_weight_decay():
-    optimizer = _module().configure_optimizers()["optimizer"]
+def test_sgd_is_the_reference_recipe_biases_get_double_lr_and_no_weight_decay():
+    """experiment=voc07_vgg16's optimiser, number for number (simple-faster-rcnn-pytorch)."""
+    cfg = compose_config(["paths.output_dir=/tmp/unused", "experiment=voc07_vgg16", "backbone=tiny", *TINY_NET])
+    module = FasterRCNNModule(model_config(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    module.trainer = SimpleNamespace(num_training_batches=10, world_size=1)  # 10 steps per epoch
+    configured = module.configure_optimizers()
+    optimizer = configured["optimizer"]
     weights, biases = optimizer.param_groups
-    assert isinstance(optimizer, torch.optim.SGD) and weights["momentum"] == 0.9
+    assert type(optimizer) is torch.optim.SGD
+    assert weights["momentum"] == biases["momentum"] == 0.9 and weights["foreach"] is True
+    assert weights["nesterov"] is False and weights["dampening"] == 0
     assert (weights["initial_lr"], weights["weight_decay"]) == (1e-3, 5e-4)
     assert (biases["initial_lr"], biases["weight_decay"]) == (2e-3, 0.0)
     assert all(p.ndim == 1 for p in biases["params"]) and len(weights["params"]) > 0
+    assert len(weights["params"]) + len(biases["params"]) == len(list(module.model.parameters()))
+    # x0.1 after epoch 10 (0-based: from step 100 on at 10 steps an epoch), no warm-up
+    schedule = configured["lr_scheduler"]
+    assert schedule["interval"] == "step"
+    assert [module._lr_factor(step) for step in (0, 99, 100, 139)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+
+def test_default_run_optimizer_is_adamw_with_its_betas():
+    optimizer = _module(optim="adamw").configure_optimizers()["optimizer"]
+    weights, biases = optimizer.param_groups
+    assert type(optimizer) is torch.optim.AdamW and tuple(weights["betas"]) == tuple(biases["betas"]) == (0.9, 0.999)
+    assert (weights["initial_lr"], weights["weight_decay"]) == (1e-3, 1e-4)
+    assert (biases["initial_lr"], biases["weight_decay"]) == (1e-3, 0.0)
+    assert weights["foreach"] is True and weights["eps"] == 1e-8
+
+
+def test_lr_scales_with_the_number_of_ddp_processes():
+    module = _module()
+    module.trainer = SimpleNamespace(num_training_batches=10, world_size=4)
+    weights, biases = module.configure_optimizers()["optimizer"].param_groups
+    assert (weights["initial_lr"], biases["initial_lr"]) == pytest.approx((4e-3, 8e-3))
+    module = _module(["optim.scale_lr_with_world_size=false"])
+    module.trainer = SimpleNamespace(num_training_batches=10, world_size=4)
+    assert module.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == 1e-3
 
 
 def test_step_decay_at_the_configured_epoch_after_warmup():
     module = _module(["optim.lr_decay_epochs=[2]", "optim.warmup_steps=4"])
-    module._trainer = SimpleNamespace(num_training_batches=10)  # 10 steps per epoch
+    module.trainer = SimpleNamespace(num_training_batches=10)  # 10 steps per epoch
     factors = [module._lr_factor(step) for step in (0, 3, 19, 20, 35)]
     assert factors == pytest.approx([0.25, 1.0, 1.0, 0.1, 0.1])
 
 
-def test_unknown_optimizer_is_refused():
-    with pytest.raises(ValueError, match="optim.optimizer"):
-        _module(["optim.optimizer=rmsprop"]).configure_optimizers()
+def test_an_optimizer_outside_the_allowlist_is_refused():
+    with pytest.raises(UnsafeConfigError, match=r"optim\.optimizer\._target_='torch\.optim\.RMSprop': refused"):
+        _module(["optim.optimizer._target_=torch.optim.RMSprop"]).configure_optimizers()
+
+
+def test_an_incomplete_optim_config_names_what_is_missing():
+    with pytest.raises(ValueError, match="optim: missing bias_lr_factor"):
+        _module(["~optim.bias_lr_factor"]).configure_optimizers()
 
 
 def test_difficult_objects_are_left_out_of_training_targets():

@@ -8,12 +8,10 @@ refused.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
+from fasterrcnn.build import build_datamodule
 from fasterrcnn.data import DatasetError, VOCDataModule, VOCDetection
 from fasterrcnn.data import voc as voc_module
-from fasterrcnn.data.check import bad_samples, check_sample, check_split
+from fasterrcnn.data.check import bad_samples, check_sample, check_split, report_dataset
 from fasterrcnn.data.voc import image_size, load_image, parse_voc_xml, read_split
 
+from .conftest import compose_config
 from .helpers import write_voc
-
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog")
 SIZE = (40, 50)  # (height, width) of write_voc's images
 CAT = [("cat", (11, 11, 30, 20), 0)]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _xml(root: str, image_id: str, text: str | bytes) -> str:
@@ -124,13 +114,12 @@ def test_check_split_reports_every_problem_with_its_file(tmp_path):
     assert set(bad_samples(problems)) == {i for i, kinds in expected.items() if kinds - {"box_clipped", "no_objects"}}
 
 
-def test_check_dataset_script_summarises_and_exits_1(tmp_path, capsys):
+def test_check_dataset_report_summarises_and_exits_1(tmp_path, capsys):
     root, expected = _bad_dataset(tmp_path)
     write_voc(tmp_path, {"good": CAT}, CLASSES, size=SIZE, split="val")  # a clean split beside it
-    script = _script("check_dataset")
     out = tmp_path / "report.json"
     base = ["data=voc", f"data.root={root}", "data.classes=[cat,dog]", "data.train_sets=[{split: train}]", "data.val_sets=[{split: val}]", "data.test_sets=[{split: val}]"]
-    status = script.main(["--json", str(out), *base, f"paths.output_dir={tmp_path / 'out'}"])
+    status = report_dataset(build_datamodule(compose_config([*base, f"paths.output_dir={tmp_path / 'out'}"])), json_path=out)
     text = capsys.readouterr().out
     assert status == 1
     report = json.loads(out.read_text())
@@ -140,7 +129,8 @@ def test_check_dataset_script_summarises_and_exits_1(tmp_path, capsys):
     assert val["stages"] == ["val", "test"] and val["counts"] == {}  # a split of two stages is checked once
     assert "mismatch.xml" in text and "PROBLEMS FOUND" in text
     # the clean split alone passes
-    assert script.main([*base, "data.train_sets=[{split: val}]", f"paths.output_dir={tmp_path / 'out'}"]) == 0
+    assert report_dataset(build_datamodule(compose_config([*base, "data.train_sets=[{split: val}]", f"paths.output_dir={tmp_path / 'out'}"]))) == 0
+    assert "OK: 0 errors, 0 warnings in 1 samples" in capsys.readouterr().out
 
 
 def test_check_sample_decode_finds_corrupt_pixels(tmp_path):

@@ -10,36 +10,26 @@ kind in ``metrics.json``.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fasterrcnn.build import build_datamodule
 from fasterrcnn.data import DatasetError, VOCDataModule, VOCDetection
-from fasterrcnn.data.check import check_sample, check_split
-from fasterrcnn.data.voc import read_split, split_ids
+from fasterrcnn.data.check import check_sample, check_split, report_dataset
+from fasterrcnn.data.voc import read_split
 
 from .conftest import compose_config
 from .helpers import write_voc
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog")
 SIZE = (40, 50)  # (height, width) of write_voc's images
 CAT = [("cat", (11, 11, 30, 20), 0)]
 TINY_RUN = ["backbone.widths=[8,16,16,32]", "backbone.head_features=64", "data.min_size=48", "data.max_size=80", "data.num_workers=0"]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _split_file(root: str, split: str = "train") -> Path:
@@ -53,9 +43,11 @@ def _datamodule(root: str, on_bad_sample: str = "error", train: str = "train", v
     )  # fmt: skip
 
 
-def _check_dataset(tmp_path, root: str, *args: str, train: str = "train", val: str = "train") -> int:
+def _check_dataset(tmp_path, root: str, *overrides: str, strict: bool = False, json_path: Path | None = None, train: str = "train", val: str = "train") -> int:
+    """check_dataset's report (fasterrcnn.data.check.report_dataset) of ``root``; its exit status."""
     base = ["data=voc", f"data.root={root}", "data.classes=[cat,dog]", f"data.train_sets=[{{split: {train}}}]", f"data.val_sets=[{{split: {val}}}]"]
-    return _script("check_dataset").main([*args, *base, f"data.test_sets=[{{split: {val}}}]", f"paths.output_dir={tmp_path / 'out'}"])
+    cfg = compose_config([*base, f"data.test_sets=[{{split: {val}}}]", f"paths.output_dir={tmp_path / 'out'}", *overrides])
+    return report_dataset(build_datamodule(cfg), strict=strict, json_path=json_path)
 
 
 # ------------------------------------------------------------------------- split files
@@ -77,7 +69,7 @@ def test_split_file_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path, c
         _datamodule(root, "skip").setup("fit")  # refused under both policies
     (problem, *_) = check_split(root, "train", CLASSES)
     assert problem.kind == "bad_split" and problem.file == str(_split_file(root))
-    # check_dataset reports it with the file (status 1), not as a crash of the config (status 2)
+    # check_dataset reports it with the file (status 1), it does not raise (the script's status 2)
     assert _check_dataset(tmp_path, root) == 1
     assert f"{_split_file(root)}:" in capsys.readouterr().out
 
@@ -180,7 +172,7 @@ def test_link_outside_the_dataset_is_followed_and_reported(tmp_path, capsys):
     _datamodule(root).setup("fit")
     assert _check_dataset(tmp_path, root) == 0  # a warning
     assert "outside_link" in capsys.readouterr().out
-    assert _check_dataset(tmp_path, root, "--strict") == 1
+    assert _check_dataset(tmp_path, root, strict=True) == 1
     # a linked folder leads everything in it outside
     os.replace(Path(root, "Annotations"), elsewhere / "Annotations")
     os.symlink(elsewhere / "Annotations", Path(root, "Annotations"))
@@ -225,7 +217,7 @@ def test_check_dataset_reports_too_many_objects(tmp_path, capsys):
     root = _crowded(tmp_path)
     assert [(p.kind, p.image_id) for p in check_split(root, "train", CLASSES, max_objects=3)] == [("too_many_objects", "crowd")]
     report = tmp_path / "report.json"
-    assert _check_dataset(tmp_path, root, "--json", str(report), "data.max_objects=3") == 1
+    assert _check_dataset(tmp_path, root, "data.max_objects=3", json_path=report) == 1
     assert "too_many_objects" in capsys.readouterr().out
     assert json.loads(report.read_text())["splits"][0]["counts"] == {"too_many_objects": 1}
     assert _check_dataset(tmp_path, root, "data.max_objects=null") == 0

@@ -223,6 +223,28 @@ def test_unknown_hyper_parameters_are_refused_not_passed_on(checkpoint, tmp_path
         predict(cfg)
 
 
+@pytest.mark.parametrize(
+    "optimizer, key, value",
+    [
+        (lambda f: write_text(f["pwned"]), "optim.optimizer._target_", "pathlib.Path.write_text"),
+        (lambda f: {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": write_text(f["pwned"])}, "optim.optimizer.momentum._target_", "pathlib.Path.write_text"),
+        (lambda f: {"_target_": "fasterrcnn.model.FasterRCNN"}, "optim.optimizer._target_", "fasterrcnn.model.FasterRCNN"),  # a model builder is no optimiser
+    ],
+    ids=["write_text", "nested", "model_builder"],
+)
+def test_load_refuses_a_foreign_optimizer_target(checkpoint, files, tmp_path, optimizer, key, value):
+    """``hyper_parameters.optim.optimizer`` is a ``_partial_`` target too: only torch.optim.SGD and AdamW."""
+    ckpt = copy.deepcopy(checkpoint)
+    assert ckpt["hyper_parameters"]["optim"]["optimizer"]["_target_"] in ("torch.optim.SGD", "torch.optim.AdamW")
+    ckpt["hyper_parameters"]["optim"]["optimizer"] = optimizer(files)
+    path = tmp_path / "evil_optim.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(UnsafeConfigError, match=names(key, value)) as err:
+        FasterRCNNModule.load(str(path))
+    assert str(path) in str(err.value)
+    assert_untouched(files)
+
+
 # ---------------------------------------------------------------------------------- not too strict
 def test_an_untampered_checkpoint_loads_and_predicts(checkpoint, tmp_path):
     ckpt = save(checkpoint, tmp_path / "good.ckpt")

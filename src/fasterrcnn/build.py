@@ -36,6 +36,9 @@ ALLOWED_TARGETS = frozenset(
         "fasterrcnn.creators.ProposalTargetCreator",
     }
 )
+# The only ``_target_``s of ``optim.optimizer`` (conf/optim/*.yaml, ``_partial_`` nodes): a
+# checkpoint's ``hyper_parameters.optim`` is data too (fasterrcnn.lit.FasterRCNNModule).
+OPTIMIZER_TARGETS = frozenset({"torch.optim.SGD", "torch.optim.AdamW"})
 # What a config read from disk may hold besides dicts and lists (exact types: no subclasses).
 PLAIN_TYPES = (str, int, float, bool, type(None))
 

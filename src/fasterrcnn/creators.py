@@ -13,7 +13,6 @@ however many objects an image holds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor

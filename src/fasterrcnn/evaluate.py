@@ -13,7 +13,7 @@ from fasterrcnn.build import build_datamodule
 from fasterrcnn.evaluation.metrics import DetectionMetrics
 from fasterrcnn.evaluation.results import per_class_table, plot_pr_curves, write_voc_results
 from fasterrcnn.metrics_file import json_safe, write_json
-from fasterrcnn.predict import load_module, resolve_device
+from fasterrcnn.api import load_module, resolve_device
 
 SPLITS = ("val", "test")
 

@@ -13,6 +13,7 @@ from torch.profiler import record_function
 from torchvision.ops import roi_align, roi_pool
 
 from fasterrcnn.boxes import BoxCoder
+from fasterrcnn.ops import roi_pool_exact
 
 # The paper recipe's normalisation of the RoI head's deltas (torchvision's weights (10, 10, 5, 5)).
 ROI_DELTA_STD = (0.1, 0.1, 0.2, 0.2)
@@ -106,6 +107,10 @@ class RoIHead(nn.Module):
         boxes = torch.cat((batch_index[:, None].to(rois.dtype), rois), dim=1)  # (R, 5)
         boxes = boxes.to(features.dtype)
         if self.pooling == "roi_pool":
+            if features.device.type == "cpu" and not (torch.is_grad_enabled() and features.requires_grad):
+                # Inference on the CPU: the same values as torchvision's kernel, which pools one
+                # RoI, channel and bin at a time on one thread (fasterrcnn.ops, docs/speed.md).
+                return roi_pool_exact(features, boxes, self.roi_size, self.spatial_scale)
             return roi_pool(features, boxes, self.roi_size, self.spatial_scale)
         return roi_align(features, boxes, self.roi_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 

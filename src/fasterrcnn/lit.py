@@ -9,27 +9,26 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from fasterrcnn.build import UnsafeConfigError, build_model
-from fasterrcnn.data.datamodule import DetectionBatch
+from fasterrcnn.build import OPTIMIZER_TARGETS, UnsafeConfigError, build_model, check_config, safe_instantiate
+from fasterrcnn.data.batch import DetectionBatch
 from fasterrcnn.evaluation.metrics import DetectionMetrics
 from fasterrcnn.model import LOSS_KEYS, detections_with_proposals
 
 STAT_KEYS = ("num_pos_anchors", "num_pos_rois")
 
-DEFAULT_OPTIM = {
-    "optimizer": "sgd",
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "bias_lr_factor": 2.0,
-    "bias_weight_decay": 0.0,
-    "lr_decay": 0.1,
-    "lr_decay_epochs": [10],
-    "warmup_steps": 0,
-    "betas": (0.9, 0.999),
-    # DDP: lr x world size (the linear scaling rule: world-size images per step, one per process).
-    "scale_lr_with_world_size": True,
-}
+# What configure_optimizers reads from ``optim`` (conf/optim/*.yaml and conf/train.yaml's
+# optim.scale_lr_with_world_size); the config is the one place for their values.
+OPTIM_KEYS = (
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "bias_lr_factor",
+    "bias_weight_decay",
+    "lr_decay",
+    "lr_decay_epochs",
+    "warmup_steps",
+    "scale_lr_with_world_size",
+)
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -52,7 +51,9 @@ class FasterRCNNModule(L.LightningModule):
     Args:
         model_cfg: the detector's config (:func:`fasterrcnn.build.model_config`), stored in the
             checkpoint so :meth:`load` can rebuild the model anywhere.
-        optim: SGD and schedule settings (see ``conf/optim/sgd.yaml``).
+        optim: the optimiser (``optimizer``, a ``_partial_`` node of
+            :data:`fasterrcnn.build.OPTIMIZER_TARGETS`), its parameter-group rules and schedule
+            (:data:`OPTIM_KEYS`; ``conf/optim/*.yaml``). Needed only to train.
         use_07_metric: VOC2007 11-point AP (True) or VOC2010+ all-point AP for ``val/map``.
         evaluation: what each validation computes besides VOC AP (``recall_counts``,
             ``recall_ious``, ``coco``; see ``conf/train.yaml``).
@@ -74,7 +75,7 @@ class FasterRCNNModule(L.LightningModule):
             raise ValueError(f"fault.on_nonfinite_loss must be one of {NONFINITE_POLICIES}, not {on_nonfinite_loss!r}")
         self.save_hyperparameters(ignore=["pretrained"])
         self.model = build_model(model_cfg, pretrained=pretrained)
-        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.optim = dict(optim or {})
         self.class_names = list(model_cfg["classes"])
         evaluation = {k: v for k, v in (evaluation or {}).items() if k in ("recall_counts", "recall_ious", "coco")}
         self.evaluator = DetectionMetrics(self.class_names, use_07_metric, **evaluation)
@@ -90,9 +91,11 @@ class FasterRCNNModule(L.LightningModule):
         without fetching ImageNet weights again.
 
         Nothing in the checkpoint runs: only the constructor's own hyper-parameters are passed
-        on, and the model is built from :data:`fasterrcnn.build.ALLOWED_TARGETS` only
-        (:func:`fasterrcnn.build.build_model`); anything else raises
-        :class:`fasterrcnn.build.UnsafeConfigError` naming the file, the key and the value."""
+        on, the model is built from :data:`fasterrcnn.build.ALLOWED_TARGETS` only
+        (:func:`fasterrcnn.build.build_model`) and ``optim`` may name no ``_target_`` but
+        :data:`fasterrcnn.build.OPTIMIZER_TARGETS` (it is not built here, but a training from
+        the module would); anything else raises :class:`fasterrcnn.build.UnsafeConfigError`
+        naming the file, the key and the value."""
         expected = ("model_cfg", "optim", "use_07_metric", "evaluation", "on_nonfinite_loss")
         ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
         hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
@@ -102,11 +105,20 @@ class FasterRCNNModule(L.LightningModule):
         if unknown:
             raise UnsafeConfigError(f"{checkpoint_path}: refused, hyper_parameters has unknown key(s) {', '.join(unknown)} (expected only {', '.join(expected)})")
         try:
+            check_config(hparams.get("optim"), "optim", allowed=OPTIMIZER_TARGETS)
             module = cls(**hparams, pretrained=False)
         except UnsafeConfigError as err:
             raise UnsafeConfigError(f"{checkpoint_path}: {err}") from err
         module.load_state_dict(ckpt["state_dict"])
         return module
+
+    @property
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The Trainer, or None when the module runs without one (tests call its steps directly)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # LightningModule.trainer: "not attached to a `Trainer`"
+            return None
 
     # ------------------------------------------------------------------ steps
     def _losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
@@ -118,13 +130,14 @@ class FasterRCNNModule(L.LightningModule):
         # The step's one host sync: a NaN/inf loss must be caught before backward and the
         # optimiser step carry it into the weights and the momentum. Under DDP all ranks decide
         # together (one rank skipping alone would leave the others waiting in backward).
+        trainer = self._attached_trainer
         local = bool(torch.isfinite(out["loss"]))
-        finite = self.trainer.strategy.reduce_boolean_decision(local, all=True) if self._trainer is not None else local
+        finite = trainer.strategy.reduce_boolean_decision(local, all=True) if trainer is not None else local
         if not finite:
             return self._nonfinite_loss(batch, batch_idx, out, elsewhere=local)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch))
         # The other scalars only on the steps the logger records (each self.log costs ~1 ms on CPU).
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        every = trainer.log_every_n_steps if trainer is not None else 1
         if (self.global_step + 1) % every == 0 or every <= 1:
             self.log_dict({f"train/{k}": out[k].detach() for k in LOSS_KEYS[:-1] + STAT_KEYS}, batch_size=len(batch))
         return out["loss"]
@@ -179,7 +192,8 @@ class FasterRCNNModule(L.LightningModule):
 
     def _val_set_size(self) -> int | None:
         """The number of validation images (before a distributed sampler pads them)."""
-        loaders = self.trainer.val_dataloaders if self._trainer is not None else None
+        trainer = self._attached_trainer
+        loaders = trainer.val_dataloaders if trainer is not None else None
         try:
             return len(loaders.dataset) if loaders is not None else None  # type: ignore[union-attr]
         except (AttributeError, TypeError):
@@ -187,14 +201,20 @@ class FasterRCNNModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        """The reference's SGD (or AdamW, ``optim.optimizer=adamw``): biases get ``bias_lr_factor``
-        x lr and ``bias_weight_decay``; lr falls by ``lr_decay`` at each epoch of
-        ``lr_decay_epochs`` (0-based), after ``warmup_steps`` of linear warm-up."""
+        """``optim.optimizer`` (a ``_partial_`` target: the reference's SGD, or AdamW) over two
+        parameter groups: weights get ``lr`` and ``weight_decay``, biases ``bias_lr_factor`` x lr
+        and ``bias_weight_decay``; lr falls by ``lr_decay`` at each epoch of ``lr_decay_epochs``
+        (0-based), after ``warmup_steps`` of linear warm-up; under DDP lr is x the number of
+        processes when ``scale_lr_with_world_size`` (the linear scaling rule)."""
         o = self.optim
+        missing = [key for key in OPTIM_KEYS if key not in o]
+        if missing:
+            raise ValueError(f"optim: missing {', '.join(missing)} (conf/optim/*.yaml and conf/train.yaml hold them)")
+        trainer = self._attached_trainer
         lr = o["lr"]
-        if o["scale_lr_with_world_size"] and self._trainer is not None and self.trainer.world_size > 1:
-            lr *= self.trainer.world_size
-            rank_zero_info(f"lr {o['lr']:g} x {self.trainer.world_size} processes = {lr:g} (optim.scale_lr_with_world_size)")
+        if o["scale_lr_with_world_size"] and trainer is not None and trainer.world_size > 1:
+            lr *= trainer.world_size
+            rank_zero_info(f"lr {o['lr']:g} x {trainer.world_size} processes = {lr:g} (optim.scale_lr_with_world_size)")
         weights, biases = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -203,19 +223,19 @@ class FasterRCNNModule(L.LightningModule):
             {"params": weights, "lr": lr, "weight_decay": o["weight_decay"]},
             {"params": biases, "lr": lr * o["bias_lr_factor"], "weight_decay": o["bias_weight_decay"]},
         ]
-        if o["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], foreach=True)
-        elif o["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), foreach=True)
-        else:
-            raise ValueError(f"optim.optimizer must be 'sgd' or 'adamw', not {o['optimizer']!r}")
+        # Only torch.optim.SGD / AdamW, even from our own config: the same rule as a checkpoint's.
+        # Plain lists (not ListConfig) as arguments: the optimiser's state goes into checkpoints
+        # read back with weights_only=True.
+        make = safe_instantiate(o["optimizer"], "optim.optimizer", allowed=OPTIMIZER_TARGETS, _convert_="all")
+        optimizer = make(groups, lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _lr_factor(self, step: int) -> float:
         """The lr multiplier for optimiser step ``step`` (warm-up times step decay)."""
         o = self.optim
-        per_epoch = self.trainer.num_training_batches if self._trainer is not None else math.inf
+        trainer = self._attached_trainer
+        per_epoch = trainer.num_training_batches if trainer is not None else math.inf
         epoch = step // per_epoch if math.isfinite(per_epoch) and per_epoch > 0 else 0
         decay = o["lr_decay"] ** sum(epoch >= e for e in o["lr_decay_epochs"])
         warmup = min(1.0, (step + 1) / o["warmup_steps"]) if o["warmup_steps"] else 1.0

@@ -21,6 +21,10 @@ Keys (stable; documented in the README):
   the reading part is rank 0's share, and after a resume the part since the resume); also
   logged at the end of training as ``skipped_samples/<stage>`` and
   ``skipped_samples/<stage>/<kind>``;
+* ``warnings``: what went wrong without stopping the run, one dict each with ``kind``,
+  ``step`` and ``message``; ``kind`` ``diverging_loss``: a training loss that grew without
+  bound but stayed finite (by default above 10 x its early median, or above 1e4:
+  :class:`fasterrcnn.callbacks.DivergenceWarning`), with its ``loss``; [] when none;
 * ``resumed_from``: the checkpoint a resumed run started from, else null;
 * ``checkpoints``: paths of the ``best`` and ``last`` checkpoints;
 * ``overrides``: the command-line overrides of the run; ``output_dir``: its folder.
@@ -42,7 +46,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from fasterrcnn.callbacks import LastCheckpoint
+from fasterrcnn.callbacks import DivergenceWarning
+from fasterrcnn.checkpointing import LastCheckpoint
 
 
 def json_safe(value: Any) -> Any:
@@ -179,6 +184,7 @@ class MetricsFile(L.Callback):
             "train_time_s": 0.0,
             "skipped_steps": 0,
             "skipped_samples": {"train": {}, "val": {}, "test": {}},
+            "warnings": [],
             "resumed_from": None,
             "checkpoints": {"best": None, "last": None},
             "overrides": list(overrides or []),
@@ -194,8 +200,9 @@ class MetricsFile(L.Callback):
             skipped = getattr(trainer.datamodule, "skipped_by_kind", None)  # fasterrcnn.data.VOCDataModule
             if skipped is not None:
                 self.data["skipped_samples"] = {stage: dict(kinds) for stage, kinds in skipped.items()}
+            self.data["warnings"] = [dict(w) for cb in trainer.callbacks if isinstance(cb, DivergenceWarning) for w in cb.warnings]
             ckpt = trainer.checkpoint_callback
-            # last.ckpt is written by fasterrcnn.callbacks.LastCheckpoint, best by ModelCheckpoint.
+            # last.ckpt is written by fasterrcnn.checkpointing.LastCheckpoint, best by ModelCheckpoint.
             last = next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
             if ckpt is not None:
                 last = last or ckpt.last_model_path or None

@@ -11,22 +11,31 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fasterrcnn.build import build_datamodule, model_config
-from fasterrcnn.callbacks import AtomicCheckpointIO, ExactResume, LastCheckpoint
+from fasterrcnn.callbacks import instantiate_callbacks
+from fasterrcnn.checkpointing import AtomicCheckpointIO
 from fasterrcnn.dashboards import DashboardPanels
-from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.data import VOCDataModule
+from fasterrcnn.lit import FasterRCNNModule
 from fasterrcnn.metrics_file import MetricsFile, write_json
+from fasterrcnn.resume import ExactResume
 
 log = logging.getLogger(__name__)
 
 # cfg.selection: what picks metrics.json's `best` and the best checkpoint (README "Model selection")
 SELECTION = ("val", "none")
+
+
+def monitor_of(selection: str) -> str | None:
+    """The metric that picks the best checkpoint and metrics.json's ``best``: ``val/map``, or None
+    under ``selection=none`` (the latest validated weights; ``best`` = ``final``). An unknown
+    ``selection`` is refused by :func:`selected_on`, once metrics.json exists to record it."""
+    return None if selection == "none" else "val/map"
 
 
 def selected_on(selection: str, datamodule: VOCDataModule) -> dict | None:
@@ -74,7 +83,8 @@ def build_loggers(cfg: DictConfig, output_dir: str, name: str | None, group: str
     """Instantiate ``cfg.logger`` (a dict of loggers; empty for ``logger=none``).
 
     wandb runs offline when no credentials are found (or ``logger.wandb.offline=true``), keeping
-    its folder inside the run's output directory.
+    its folder inside the run's output directory. The wandb run itself starts when something is
+    first logged (``WandbLogger.experiment``), and is closed by :func:`finish_wandb`.
     """
     loggers = []
     for key, node in (cfg.logger or {}).items():
@@ -123,8 +133,16 @@ def train(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
     overrides, name, group = hydra_run_info()
-    monitor = None if cfg.get("selection", "val") == "none" else "val/map"
-    metrics = MetricsFile(os.path.join(output_dir, "metrics.json"), monitor=monitor, overrides=overrides, output_dir=output_dir)
+    selection = cfg.get("selection", "val")
+    monitor = monitor_of(selection)
+    # conf/callbacks/default.yaml, with what only this run knows
+    callbacks = instantiate_callbacks(
+        cfg.get("callbacks"),
+        runtime={"metrics_file": {"monitor": monitor, "overrides": overrides}, "best_checkpoint": {"monitor": monitor}},
+    )
+    metrics = next((cb for cb in callbacks.values() if isinstance(cb, MetricsFile)), None)
+    if metrics is None:
+        raise ValueError("callbacks: a fasterrcnn.metrics_file.MetricsFile is required (train() returns metrics.json; sweeps read it)")
     metrics.write()
     loggers: list[Logger] = []
     try:
@@ -132,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
         metrics.data["resumed_from"] = ckpt_path
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build_datamodule(cfg)
-        metrics.data["selected_on"] = selected_on(cfg.get("selection", "val"), datamodule)
+        metrics.data["selected_on"] = selected_on(selection, datamodule)
         module = FasterRCNNModule(
             model_config(cfg),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
@@ -140,41 +158,17 @@ def train(cfg: DictConfig) -> dict:
             evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True) if cfg.get("evaluation") else None,
             on_nonfinite_loss=cfg.fault.on_nonfinite_loss,
         )
-        # Exact resume: the RNG states and the data position go into every checkpoint.
-        resume = ExactResume()
+        # Exact resume: the RNG states and the data position go into every checkpoint; the
+        # training loader starts where the checkpoint left it.
+        resume = next((cb for cb in callbacks.values() if isinstance(cb, ExactResume)), None)
         datamodule.resume_position, datamodule.resume_seed = resume, cfg.seed
-        checkpoint_dir = os.path.join(output_dir, "checkpoints")
         loggers = build_loggers(cfg, output_dir, name, group)
-        evaluation = cfg.get("evaluation") or {}
-        panels = DashboardPanels(
-            list(cfg.data.classes),
-            cfg.data.mean,
-            cfg.data.std,
-            output_dir=output_dir,
-            num_images=evaluation.get("panel_images", 4),
-            num_proposals=evaluation.get("panel_proposals", 20),
-        )
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        callbacks = [
-            resume,
-            ModelCheckpoint(
-                dirpath=checkpoint_dir,
-                filename="epoch{epoch:03d}-map{val/map:.4f}",
-                auto_insert_metric_name=False,
-                monitor=monitor,  # None (selection=none): the latest validated weights
-                mode="max",
-            ),
-            # last.ckpt: the latest state, also every N steps and at Ctrl-C (after the callback
-            # above, so it holds that callback's state after the same validation).
-            LastCheckpoint(os.path.join(checkpoint_dir, "last.ckpt"), every_n_steps=cfg.fault.checkpoint_every_n_steps),
-            metrics,
-            panels,
-        ]
-        if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        # Lightning refuses a LearningRateMonitor without a logger.
+        active = [cb for cb in callbacks.values() if loggers or not isinstance(cb, LearningRateMonitor)]
         trainer: L.Trainer = instantiate(
-            cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=output_dir, plugins=[AtomicCheckpointIO()]
+            cfg.trainer, logger=loggers or False, callbacks=active, default_root_dir=output_dir, plugins=[AtomicCheckpointIO()]
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.interrupted:
@@ -182,7 +176,9 @@ def train(cfg: DictConfig) -> dict:
         # Stopped between validations (max_steps, limit_train_batches): validate the final weights.
         if metrics.data["final"].get("step") != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        panels.log_pr_curves(trainer, module)
+        for cb in active:
+            if isinstance(cb, DashboardPanels):
+                cb.log_pr_curves(trainer, module)
         metrics.write(trainer, status="completed")
         return metrics.data
     except BaseException as err:
@@ -191,18 +187,17 @@ def train(cfg: DictConfig) -> dict:
             metrics.write(status="interrupted" if interrupted else "failed", error=None if interrupted else repr(err))
         raise
     finally:
-        for lg in loggers:
-            if isinstance(lg, WandbLogger):
-                _finish_wandb(lg)
+        if any(isinstance(lg, WandbLogger) for lg in loggers):
+            finish_wandb()
 
 
-def _finish_wandb(logger: WandbLogger) -> None:
-    """Close the wandb run (so multirun jobs never merge) and say how to sync an offline one."""
+def finish_wandb() -> None:
+    """Close this process's wandb run (so multirun jobs never merge) and say how to sync an
+    offline one. ``wandb.run`` is None when nothing was logged (no run was started)."""
     import wandb
 
-    run = logger.experiment if logger._experiment is not None else None
-    offline = logger._offline
-    run_dir = getattr(run, "dir", None)
+    run = wandb.run
+    offline, run_dir = (run.offline, run.dir) if run is not None else (False, None)
     wandb.finish()
     if offline and run_dir:
         print(f"wandb ran offline; to upload this run: wandb sync {os.path.dirname(run_dir)}", flush=True)

@@ -1,6 +1,9 @@
-"""Data: the VOC-layout reader, the built-in dataset and the LightningDataModule."""
+"""Data: the VOC-layout reader, the built-in dataset, the batch type, the dataset and the
+LightningDataModule."""
 
-from fasterrcnn.data.datamodule import DetectionBatch, DetectionDataset, VOCDataModule, collate
+from fasterrcnn.data.batch import DetectionBatch, collate
+from fasterrcnn.data.datamodule import VOCDataModule
+from fasterrcnn.data.dataset import DetectionDataset
 from fasterrcnn.data.voc import PROBLEM_KINDS, VOC_CLASSES, DatasetError, Problem, VOCDetection
 
 __all__ = ["PROBLEM_KINDS", "VOC_CLASSES", "DatasetError", "Problem", "DetectionBatch", "DetectionDataset", "VOCDataModule", "VOCDetection", "collate"]

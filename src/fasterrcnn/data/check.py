@@ -1,7 +1,8 @@
 """Checking a VOC-layout dataset before training: every problem of every file, none raised.
 
-Used by ``scripts/check_dataset.py`` (a report of the whole dataset) and by the DataModule's
-``setup`` (``data.on_bad_sample``: drop the bad samples with a warning, or stop naming them).
+Used by ``scripts/check_dataset.py`` (:func:`report_dataset`: a report of the whole dataset,
+every split of a DataModule) and by the DataModule's ``setup`` (``data.on_bad_sample``: drop the
+bad samples with a warning, or stop naming them).
 Each problem is a :class:`fasterrcnn.data.voc.Problem` ``(file, kind, message, image_id)`` of
 one of the :data:`fasterrcnn.data.voc.PROBLEM_KINDS`; ``severity`` "error" makes the sample
 bad, "warning" leaves it usable (clipped boxes, an image without objects).
@@ -17,11 +18,16 @@ the report says what outside the folder is read.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fasterrcnn.data.voc import (
+    PROBLEM_KINDS,
     DatasetError,
     Problem,
     annotation_path,
@@ -35,7 +41,25 @@ from fasterrcnn.data.voc import (
     split_ids,
 )
 
-__all__ = ["Problem", "bad_samples", "check_sample", "check_samples", "check_split", "count_kinds", "describe", "outside_link"]
+if TYPE_CHECKING:  # the DataModule imports this module
+    from fasterrcnn.data.datamodule import VOCDataModule
+
+__all__ = [
+    "Problem",
+    "SplitReport",
+    "bad_samples",
+    "check_sample",
+    "check_samples",
+    "check_split",
+    "count_kinds",
+    "describe",
+    "outside_link",
+    "report_dataset",
+    "split_reports",
+    "summary",
+    "to_json",
+]
+STAGES = ("train", "val", "test")
 
 
 def outside_link(root: str, path: str, image_id: str | None = None) -> Problem | None:
@@ -113,3 +137,102 @@ def describe(problems: Sequence[Problem], limit: int = 5) -> str:
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- the whole dataset
+@dataclass
+class SplitReport:
+    """The problems of one split (``root``/``split``, the file ``ImageSets/Main/<split>.txt``),
+    the stages that use it and its sample count. A stage whose split file is missing is a report
+    of its own, ``root`` naming the config key and ``split`` empty."""
+
+    root: str
+    split: str
+    samples: int
+    problems: list[Problem]
+    stages: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.root}/{self.split}" if self.split else self.root
+
+
+def split_reports(datamodule: VOCDataModule, decode: bool = False) -> list[SplitReport]:
+    """One report per distinct (root, split) of the DataModule's train, val and test sets: a split
+    used by several stages is checked once. The data must be there (``prepare_data`` generates
+    the built-in data)."""
+    reports: dict[tuple[str, str], SplitReport] = {}
+    for stage in STAGES:
+        try:
+            splits = datamodule.splits(stage)
+        except DatasetError as err:  # a missing split file: report it, check the others
+            splits = []
+            key = f"data.{stage}_sets"
+            reports.setdefault((key, ""), SplitReport(key, "", 0, [Problem(key, "bad_split", str(err))])).stages.append(stage)
+        for root, split in splits:
+            if (root, split) not in reports:
+                problems = check_split(root, split, datamodule.classes, decode=decode, max_objects=datamodule.max_objects)
+                reports[(root, split)] = SplitReport(root, split, len(split_ids(root, split)[0]), problems)
+            reports[(root, split)].stages.append(stage)
+    return list(reports.values())
+
+
+def summary(name: str, reports: Sequence[SplitReport]) -> str:
+    """A Markdown table: one row per split, problems counted per kind."""
+    kinds = [k for k in PROBLEM_KINDS if any(count_kinds(r.problems)[k] for r in reports)]
+    lines = [
+        f"| split ({name}) | stages | samples | bad samples |" + "".join(f" {k} |" for k in kinds),
+        "| --- | --- | ---: | ---: |" + " ---: |" * len(kinds),
+    ]
+    for r in reports:
+        counts = count_kinds(r.problems)
+        cells = " | ".join(str(counts[k]) for k in kinds)
+        lines.append(f"| {r.name} | {', '.join(r.stages)} | {r.samples} | {len(bad_samples(r.problems))} |" + (f" {cells} |" if kinds else ""))
+    return "\n".join(lines)
+
+
+def to_json(name: str, reports: Sequence[SplitReport], status: int) -> dict:
+    """The report as JSON data: per split its counts per kind and every problem."""
+    return {
+        "data": name,
+        "status": status,
+        "splits": [
+            {
+                "root": r.root,
+                "split": r.split,
+                "stages": r.stages,
+                "samples": r.samples,
+                "counts": dict(count_kinds(r.problems)),
+                "problems": [{"file": p.file, "kind": p.kind, "severity": p.severity, "image_id": p.image_id, "message": p.message} for p in r.problems],
+            }
+            for r in reports
+        ],
+    }
+
+
+def report_dataset(
+    datamodule: VOCDataModule, decode: bool = False, strict: bool = False, quiet: bool = False, json_path: str | Path | None = None
+) -> int:
+    """Check every split of ``datamodule`` (:func:`split_reports`) and print each problem (unless
+    ``quiet``), the :func:`summary` and a verdict; write :func:`to_json` to ``json_path`` when
+    given. Returns the exit status: 1 when an error was found (or a warning, with ``strict``),
+    0 otherwise."""
+    reports = split_reports(datamodule, decode)
+    problems = [p for r in reports for p in r.problems]
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    if not quiet:
+        for p in problems:
+            print(f"{p.severity.upper():7s} {p.kind:16s} {p}")
+        if problems:
+            print()
+    print(summary(datamodule.name, reports))
+    status = 1 if errors or (strict and warnings) else 0
+    verdict = "OK" if status == 0 else "PROBLEMS FOUND"
+    print(f"\n{verdict}: {errors} errors, {warnings} warnings in {sum(r.samples for r in reports)} samples")
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(to_json(datamodule.name, reports, status), indent=2), encoding="utf-8")
+        print(f"wrote {json_path}")
+    return status

@@ -1,4 +1,7 @@
-"""The LightningDataModule: VOC-layout splits -> resized, flipped, normalised batches (size 1)."""
+"""The LightningDataModule: VOC-layout splits -> resized, flipped, normalised batches (size 1).
+
+The batch type is :mod:`fasterrcnn.data.batch`, the dataset with its skip policy
+:mod:`fasterrcnn.data.dataset`; the resumable training loader :mod:`fasterrcnn.resume`."""
 
 from __future__ import annotations
 
@@ -7,153 +10,20 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from fasterrcnn.callbacks import ResumableLoader
+from fasterrcnn.data.batch import DetectionBatch, collate
 from fasterrcnn.data.check import bad_samples, check_samples, describe
+from fasterrcnn.data.dataset import ON_BAD_SAMPLE, DetectionDataset
 from fasterrcnn.data.download import download_voc
 from fasterrcnn.data.shapes import ensure_dataset
-from fasterrcnn.data.transforms import Preprocess, prepare
 from fasterrcnn.data.voc import MAX_OBJECTS, DatasetError, VOCDetection, read_split, split_path
+from fasterrcnn.resume import ResumableLoader
 
-Size = tuple[int, int]
 log = logging.getLogger(__name__)
-
-# data.on_bad_sample: "skip" drops a bad sample with a warning and a count, "error" stops naming it.
-ON_BAD_SAMPLE = ("skip", "error")
-# Under "skip", a read that fails this many samples in a row stops: the data is broken, not a file.
-MAX_CONSECUTIVE_BAD = 16
-
-
-@dataclass
-class DetectionBatch:
-    """A collated batch. ``images (N, 3, H, W)`` are zero-padded to the largest image;
-    ``image_sizes`` are the sizes before padding, ``original_sizes`` before resizing. ``boxes``
-    are in input (resized) coordinates, ``original_boxes`` in original image coordinates.
-    ``skipped``: ``(stage, kind, message)`` of each bad sample replaced by the next good one while
-    reading this batch (``data.on_bad_sample=skip``), so the count reaches the main process
-    from DataLoader workers."""
-
-    images: Tensor
-    image_sizes: list[Size]
-    original_sizes: list[Size]
-    boxes: list[Tensor]
-    labels: list[Tensor]
-    difficult: list[Tensor]
-    original_boxes: list[Tensor]
-    image_ids: list[str]
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.image_sizes)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> DetectionBatch:
-        """The batch with its tensors on ``device`` (itself when they are already there)."""
-        if self.images.device == torch.device(device):
-            return self
-
-        def move(tensors: list[Tensor]) -> list[Tensor]:
-            return [t.to(device, non_blocking=non_blocking) for t in tensors]
-
-        return DetectionBatch(
-            self.images.to(device, non_blocking=non_blocking),
-            self.image_sizes,
-            self.original_sizes,
-            move(self.boxes),
-            move(self.labels),
-            move(self.difficult),
-            move(self.original_boxes),
-            self.image_ids,
-            self.skipped,
-        )
-
-
-def collate(items: Sequence[dict]) -> DetectionBatch:
-    """Stack items of :class:`DetectionDataset` into a :class:`DetectionBatch`."""
-    sizes = [tuple(item["image"].shape[-2:]) for item in items]
-    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    images = items[0]["image"].new_zeros(len(items), 3, height, width)
-    for i, item in enumerate(items):
-        images[i, :, : sizes[i][0], : sizes[i][1]] = item["image"]
-    return DetectionBatch(
-        images=images,
-        image_sizes=sizes,  # type: ignore[arg-type]
-        original_sizes=[tuple(item["original_size"]) for item in items],  # type: ignore[misc]
-        boxes=[item["boxes"] for item in items],
-        labels=[item["labels"] for item in items],
-        difficult=[item["difficult"] for item in items],
-        original_boxes=[item["original_boxes"] for item in items],
-        image_ids=[item["image_id"] for item in items],
-        skipped=[s for item in items for s in item.get("skipped", ())],
-    )
-
-
-class DetectionDataset(Dataset):
-    """Wraps a :class:`VOCDetection`: :func:`fasterrcnn.data.transforms.prepare` (resize: shorter
-    side ``min_size``, longer at most ``max_size``; flip with probability ``flip_prob``;
-    normalise with the backbone's mean/std).
-
-    A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
-    raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
-    instead, with a warning, listed in the item's ``"skipped"`` (which the DataModule counts)."""
-
-    def __init__(
-        self,
-        voc: Dataset,
-        min_size: int,
-        max_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        flip_prob: float = 0.0,
-        on_bad_sample: str = "error",
-        stage: str = "",
-    ) -> None:
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, not {on_bad_sample!r}")
-        self.voc = voc
-        self.preprocess = Preprocess.from_dict({"min_size": min_size, "max_size": max_size, "mean": mean, "std": std})
-        self.flip_prob = flip_prob
-        self.on_bad_sample = on_bad_sample
-        self.stage = stage
-
-    def __len__(self) -> int:
-        return len(self.voc)  # type: ignore[arg-type]
-
-    def _read(self, index: int) -> tuple[dict, list[tuple[str, str, str]]]:
-        """The item at ``index``, or under "skip" the next good one, and what was skipped
-        (``(stage, kind, message)``)."""
-        skipped: list[tuple[str, str, str]] = []
-        for step in range(min(len(self), MAX_CONSECUTIVE_BAD)):
-            try:
-                return self.voc[(index + step) % len(self)], skipped
-            except DatasetError as err:
-                if self.on_bad_sample == "error":
-                    raise
-                log.warning("data.on_bad_sample=skip: skipping a bad %s sample: %s", self.stage or "data", err)
-                skipped.append((self.stage, getattr(err, "kind", None) or "other", str(err)))
-        raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][2]}")
-
-    def __getitem__(self, index: int) -> dict:
-        item, skipped = self._read(index)
-        image, boxes = item["image"], item["boxes"]
-        original_size = tuple(image.shape[-2:])
-        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
-        image, boxes = prepare(image, boxes, self.preprocess, flip=flip)
-        return {
-            "image": image,
-            "boxes": boxes,
-            "labels": item["labels"],
-            "difficult": item["difficult"],
-            "original_boxes": item["boxes"],
-            "original_size": original_size,
-            "image_id": item["image_id"],
-            "skipped": skipped,
-        }
 
 
 def in_holdout(image_id: str, fraction: float) -> bool:
@@ -255,8 +125,8 @@ class VOCDataModule(L.LightningDataModule):
         # the bad samples dropped (setup) or replaced (while reading), per stage
         self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
         self.skipped_by_kind: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
-        # Set by training (fasterrcnn.callbacks.ExactResume, the run's seed): the training loader
-        # then resumes mid-epoch exactly (fasterrcnn.callbacks.ResumableLoader).
+        # Set by training (fasterrcnn.resume.ExactResume, the run's seed): the training loader
+        # then resumes mid-epoch exactly (fasterrcnn.resume.ResumableLoader).
         self.resume_position = None
         self.resume_seed = 0
         self.problems: dict[str, list[str]] = {"train": [], "val": [], "test": []}

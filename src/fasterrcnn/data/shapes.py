@@ -15,6 +15,23 @@ PASCAL VOC. It is meant to be VOC-like, not trivial:
   12 px, so, as in VOC, evaluation ignores it and training leaves it out.
 
 Images are 224 to 320 px by 288 to 400 px (a quarter of them portrait), stored as JPEG.
+
+A shifted split, ``test_shift`` (``num_test_shift`` images, none by default), holds the same
+classes drawn in ways no train, val or test image is (:data:`SHIFT_STYLE`), to measure how a
+detector generalises beyond its training distribution:
+
+* backgrounds: stripes or checks at a random angle and period, in darker, more saturated colours
+  (saturation 0.3 to 0.55, value 0.1 to 0.4; the others are greyish gradients and blotches,
+  saturation under 0.3, value 0.3 to 0.9), with thin coloured lines as clutter;
+* objects: duller palettes (saturation and value 0.4 to 0.75 instead of 0.55 to 1), 3 to 9 of
+  them, smaller (half of them 14 to 32 px, the rest up to half the shorter side) and more
+  elongated (half with an aspect ratio of 1:5 to 1:2.5 or 2.5:1 to 5:1);
+* a Gaussian blur of sigma 1.2 to 2.5 px over the whole image (the others have none) and pixel
+  noise of sigma 14 to 24 (the others: 8).
+
+Its images come after the test images (the same folder, ids numbered on) and from their own
+random streams, so adding it leaves every train, val and test file byte-identical; only the
+folder's name changes, since ``num_test_shift`` is then a generator parameter.
 """
 
 from __future__ import annotations
@@ -23,14 +40,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
 GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
+# The shifted split, after SPLITS; its image k draws from the random stream [seed, k, SHIFT_STREAM].
+SHIFT_SPLIT = "test_shift"
+SHIFT_STREAM = 0x5348  # "SH": any constant that no other stream of this module ends with
 
 
 # ---------------------------------------------------------------------- shapes on a (v, u) grid
@@ -92,19 +113,84 @@ def _sample_size(rng: np.random.Generator, height: int, width: int) -> tuple[flo
     return w * shrink, h * shrink
 
 
-def render_image(rng: np.random.Generator, classes: Sequence[str] = SHAPE_CLASSES) -> tuple[np.ndarray, list[dict]]:
+def _add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Pixel noise of sigma 8 over the whole image."""
+    return image + rng.normal(0.0, 8.0, image.shape)
+
+
+# ---------------------------------------------------------------------- the shifted split's drawing
+def _shifted_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Stripes or checks of two darker, more saturated colours at a random angle and period,
+    crossed by a few thin coloured lines."""
+    c0 = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.3, 0.55), rng.uniform(0.1, 0.4))
+    c1 = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.3, 0.55), rng.uniform(0.1, 0.4))
+    angle, period = rng.uniform(0, np.pi), rng.uniform(6, 24)
+    ys, xs = np.mgrid[:height, :width] + 0.5
+    along = (xs * np.cos(angle) + ys * np.sin(angle)) / period
+    pattern = np.floor(along) % 2
+    if rng.random() < 0.5:  # checks: stripes crossed by stripes at a right angle
+        pattern = (pattern + np.floor((-xs * np.sin(angle) + ys * np.cos(angle)) / period)) % 2
+    image = c0 * (1 - pattern[..., None]) + c1 * pattern[..., None]
+    for _ in range(rng.integers(2, 6)):  # thin coloured lines
+        a, offset = rng.uniform(0, np.pi), rng.uniform(0, max(height, width))
+        line = np.abs(xs * np.cos(a) + ys * np.sin(a) - offset) < rng.uniform(1.0, 2.5)
+        image[line] = hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.3, 0.55), rng.uniform(0.2, 0.5))
+    return image
+
+
+def _shifted_size(rng: np.random.Generator, height: int, width: int) -> tuple[float, float]:
+    """Smaller, more elongated objects than :func:`_sample_size`: half of them 14 to 32 px, the
+    rest up to half the shorter side; half with aspect h / w of 2.5 to 5 (or its inverse)."""
+    largest = max(0.5 * min(height, width), 33.0)
+    side = np.exp(rng.uniform(np.log(14), np.log(32))) if rng.random() < 0.5 else np.exp(rng.uniform(np.log(32), np.log(largest)))
+    if rng.random() < 0.5:
+        aspect = np.exp(rng.uniform(np.log(2.5), np.log(5)) * rng.choice([-1.0, 1.0]))
+    else:
+        aspect = np.exp(rng.uniform(np.log(1 / 2.5), np.log(2.5)))
+    w, h = side / np.sqrt(aspect), side * np.sqrt(aspect)
+    shrink = min(1.0, 0.95 * width / w, 0.95 * height / h)
+    return w * shrink, h * shrink
+
+
+def _blur_and_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A Gaussian blur of sigma 1.2 to 2.5 px, then pixel noise of sigma 14 to 24."""
+    sigma, noise = rng.uniform(1.2, 2.5), rng.uniform(14, 24)
+    blurred = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(sigma))
+    return np.asarray(blurred, dtype=np.float64) + rng.normal(0.0, noise, image.shape)
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a split's images are drawn: each hook draws from the image's random stream."""
+
+    background: Callable[[np.random.Generator, int, int], np.ndarray]  # (H, W, 3) float
+    object_size: Callable[[np.random.Generator, int, int], tuple[float, float]]  # width, height
+    num_objects: tuple[int, int]  # drawn from [low, high)
+    saturation: tuple[float, float]  # of the object colours
+    value: tuple[float, float]
+    finish: Callable[[np.random.Generator, np.ndarray], np.ndarray]  # blur, noise
+
+
+# train, val and test
+STYLE = Style(_background, _sample_size, (1, 7), (0.55, 1.0), (0.55, 1.0), _add_noise)
+# test_shift (module docstring)
+SHIFT_STYLE = Style(_shifted_background, _shifted_size, (3, 10), (0.4, 0.75), (0.4, 0.75), _blur_and_noise)
+
+
+def render_image(rng: np.random.Generator, classes: Sequence[str] = SHAPE_CLASSES, style: Style = STYLE) -> tuple[np.ndarray, list[dict]]:
     """One image ``(H, W, 3)`` uint8 and its objects: ``name``, ``bbox`` (VOC 1-based inclusive
-    ``xmin, ymin, xmax, ymax`` of the visible part), ``truncated``, ``difficult``."""
+    ``xmin, ymin, xmax, ymax`` of the visible part), ``truncated``, ``difficult``, drawn in
+    ``style`` (:data:`STYLE`, or :data:`SHIFT_STYLE` for the shifted split)."""
     height, width = int(rng.integers(224, 321)), int(rng.integers(288, 401))
     if rng.random() < 0.25:
         height, width = width, height
-    image = _background(rng, height, width)
+    image = style.background(rng, height, width)
     owner = np.full((height, width), -1, dtype=np.int16)  # which object each pixel shows
     hue_step = 360.0 / len(classes)
     placed: list[tuple[str, float, np.ndarray]] = []  # name, full area, box
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(*style.num_objects))):
         label = int(rng.integers(len(classes)))
-        w, h = _sample_size(rng, height, width)
+        w, h = style.object_size(rng, height, width)
         for _attempt in range(10):  # avoid heavy overlap with earlier objects
             cx = rng.uniform(0.3 * w, width - 0.3 * w)
             cy = rng.uniform(0.3 * h, height - 0.3 * h)
@@ -120,14 +206,13 @@ def render_image(rng: np.random.Generator, classes: Sequence[str] = SHAPE_CLASSE
         # paste the part inside the image
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         mask = mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-        colour = hsv_to_rgb(label * hue_step + rng.normal(0, hue_step / 6), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+        colour = hsv_to_rgb(label * hue_step + rng.normal(0, hue_step / 6), rng.uniform(*style.saturation), rng.uniform(*style.value))
         shade = 1.0 + rng.uniform(-0.15, 0.15) * ys[cy0 - y0 : cy1 - y0, None, None]  # a little shading
         region = image[cy0:cy1, cx0:cx1]
         region[mask] = (colour * shade * np.ones_like(region))[mask]
         owner[cy0:cy1, cx0:cx1][mask] = len(placed)
         placed.append((classes[label], area, box))
-    image += rng.normal(0.0, 8.0, image.shape)
-    image = np.clip(image, 0, 255).astype(np.uint8)
+    image = np.clip(style.finish(rng, image), 0, 255).astype(np.uint8)
 
     objects = []
     for index, (name, area, box) in enumerate(placed):
@@ -167,9 +252,11 @@ def annotation_xml(image_id: str, height: int, width: int, objects: list[dict]) 
 
 
 # ---------------------------------------------------------------------- the dataset on disk
-def dataset_params(num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0) -> dict:
-    """Everything that determines the generated files (its hash names the folder)."""
-    return {
+def dataset_params(num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0, num_test_shift: int = 0) -> dict:
+    """Everything that determines the generated files (its hash names the folder).
+    ``num_test_shift`` is listed only when non-zero, so a dataset without the shifted split
+    keeps the folder it always had."""
+    params = {
         "version": GENERATOR_VERSION,
         "classes": list(SHAPE_CLASSES),
         "num_train": int(num_train),
@@ -177,16 +264,33 @@ def dataset_params(num_train: int = 1000, num_val: int = 200, num_test: int = 20
         "num_test": int(num_test),
         "seed": int(seed),
     }
+    if int(num_test_shift) < 0:
+        raise ValueError(f"num_test_shift must be >= 0, not {num_test_shift!r}")
+    if num_test_shift:
+        params["num_test_shift"] = int(num_test_shift)
+    return params
 
 
 def params_hash(params: dict) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _split_sizes(params: dict) -> dict[str, int]:
+    """The number of images of each split, in the order of their ids."""
+    return {**{s: params[f"num_{s}"] for s in SPLITS}, SHIFT_SPLIT: params.get(f"num_{SHIFT_SPLIT}", 0)}
+
+
 def _write_image(root: str, params: dict, index: int) -> None:
-    """Render image ``index`` (random stream ``[seed, index]``) and write its JPEG and XML."""
+    """Render image ``index`` and write its JPEG and XML: train, val and test image ``i`` from
+    the random stream ``[seed, i]``, image ``k`` of the shifted split from
+    ``[seed, k, SHIFT_STREAM]`` (in :data:`SHIFT_STYLE`)."""
     image_id = f"{index:06d}"
-    image, objects = render_image(np.random.default_rng([params["seed"], index]), params["classes"])
+    regular = sum(params[f"num_{s}"] for s in SPLITS)
+    if index < regular:
+        image, objects = render_image(np.random.default_rng([params["seed"], index]), params["classes"])
+    else:
+        rng = np.random.default_rng([params["seed"], index - regular, SHIFT_STREAM])
+        image, objects = render_image(rng, params["classes"], SHIFT_STYLE)
     Image.fromarray(image).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
     with open(os.path.join(root, "Annotations", f"{image_id}.xml"), "w", encoding="utf-8") as f:
         f.write(annotation_xml(image_id, image.shape[0], image.shape[1], objects))
@@ -203,7 +307,8 @@ def generate(root: str, params: dict, progress: bool = True, workers: int | None
 
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    offsets = np.cumsum([0] + [params[f"num_{s}"] for s in SPLITS])
+    sizes = _split_sizes(params)
+    offsets = np.cumsum([0] + list(sizes.values()))
     total = int(offsets[-1])
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if total >= 200 else 1
@@ -218,7 +323,9 @@ def generate(root: str, params: dict, progress: bool = True, workers: int | None
             write(i)
             bar.update()
     bar.close()
-    ids = {split: [f"{i:06d}" for i in range(int(offsets[k]), int(offsets[k + 1]))] for k, split in enumerate(SPLITS)}
+    ids = {split: [f"{i:06d}" for i in range(int(offsets[k]), int(offsets[k + 1]))] for k, split in enumerate(sizes)}
+    if not ids[SHIFT_SPLIT]:
+        del ids[SHIFT_SPLIT]  # no split file for an empty split
     ids["trainval"] = ids["train"] + ids["val"]
     for split, split_ids in ids.items():
         with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:
@@ -227,13 +334,16 @@ def generate(root: str, params: dict, progress: bool = True, workers: int | None
         json.dump(params, f, indent=2)
 
 
-def ensure_dataset(data_dir: str, num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0, progress: bool = True) -> str:
-    """The folder of the built-in dataset with these parameters, generated on first use.
+def ensure_dataset(
+    data_dir: str, num_train: int = 1000, num_val: int = 200, num_test: int = 200, seed: int = 0, progress: bool = True, num_test_shift: int = 0
+) -> str:
+    """The folder of the built-in dataset with these parameters, generated on first use;
+    ``num_test_shift`` > 0 adds the shifted split ``test_shift`` (module docstring).
 
     Generation writes into a temporary folder that is renamed when complete, so an interrupted
     run or two runs at once never leave a half-written dataset behind.
     """
-    params = dataset_params(num_train, num_val, num_test, seed)
+    params = dataset_params(num_train, num_val, num_test, seed, num_test_shift)
     root = os.path.join(data_dir, f"shapes-{params_hash(params)}")
     if os.path.isfile(os.path.join(root, "generator.json")):
         return root

@@ -149,7 +149,7 @@ class DetectionMetrics:
         per_rank = max(len(images) for images, _ in gathered)
         order = [(k, r) for k in range(per_rank) for r in range(world) if k < len(gathered[r][0])]
         order = order[:num_images] if num_images is not None else order
-        self.voc.images = [gathered[r][0][k] for k, r in order]
+        self.voc.set_images([gathered[r][0][k] for k, r in order])
         if self.recall is not None:
             self.recall.best = [gathered[r][1][k] for k, r in order if k < len(gathered[r][1])]
 

@@ -95,9 +95,19 @@ class VOCEvaluator:
     class_names: Sequence[str]
     iou_thresh: float = 0.5
     images: list[_ImageRecord] = field(default_factory=list)
+    # class_pr's results for the images as they are: both VOC metrics, the per-class table and
+    # the PR curves of one validation match the detections once (reset, update and set_images
+    # clear it).
+    _pr_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def reset(self) -> None:
         self.images.clear()
+        self._pr_cache.clear()
+
+    def set_images(self, images: list[_ImageRecord]) -> None:
+        """Replace the accumulated images (all ranks' after a DDP gather)."""
+        self.images = images
+        self._pr_cache.clear()
 
     def update(
         self,
@@ -112,6 +122,7 @@ class VOCEvaluator:
         in the same (original image) coordinates, labels in 1..K."""
         if gt_difficult is None:
             gt_difficult = torch.zeros(gt_labels.shape, dtype=torch.bool)
+        self._pr_cache.clear()
         cpu = lambda t: t.detach().to("cpu")  # noqa: E731
         self.images.append(
             _ImageRecord(
@@ -126,7 +137,13 @@ class VOCEvaluator:
 
     def class_pr(self, label: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """Scores, true positives and false positives of class ``label`` in devkit order, and the
-        number of non-difficult ground-truth objects."""
+        number of non-difficult ground-truth objects (computed once for the current images)."""
+        key = (label, len(self.images))
+        if key not in self._pr_cache:
+            self._pr_cache[key] = self._class_pr(label)
+        return self._pr_cache[key]
+
+    def _class_pr(self, label: int) -> tuple[Tensor, Tensor, Tensor, int]:
         scores, tps, fps, order_keys = [], [], [], []
         npos = 0
         offset = 0

@@ -1,0 +1,281 @@
+"""Training augmentation (the ``augment=`` config group) and multi-scale training sizes.
+
+:class:`Augment` runs on the decoded image, before :func:`fasterrcnn.data.transforms.prepare`
+rescales and normalises it, and is built from torchvision's ``transforms.v2`` with the boxes as
+``tv_tensors.BoundingBoxes``: v2 moves, clamps and crops the boxes; nothing here re-derives box
+geometry. The choices (``conf/augment/``):
+
+* ``paper``: a horizontal flip with probability 0.5, the augmentation of every experiment of the
+  paper and of the reference recipe;
+* ``light``: the flip and photometric changes (``v2.ColorJitter``), sometimes a Gaussian blur or
+  Gaussian noise;
+* ``strong``: light, plus scale jitter (``v2.RandomAffine`` scale and shift, the canvas kept),
+  zoom-out (``v2.RandomZoomOut``) and the IoU crop of SSD (``v2.RandomIoUCrop``).
+
+``vflip`` and ``rot90`` (for overhead or microscopy images, where up is arbitrary) can be added to
+any choice: ``augment.vflip=0.5 augment.rot90=true``.
+
+The box-dropping rule, the only one: after the transforms that can cut a box (scale jitter, IoU
+crop), a box whose width or height inside the image is under ``min_box_size`` pixels is dropped,
+and its label and difficult flag with it (v2's ``sanitize_bounding_boxes``). v2 clamps every box
+to the image it transforms, so a box pushed out of the image becomes empty and falls under the
+rule; ``v2.RandomIoUCrop`` empties the boxes whose centre leaves its crop (SSD's rule), which then
+fall under it too. Flips, rotations and zoom-out never shrink a box, so without scale jitter or
+IoU crop nothing is dropped and every annotation is kept, as in the reference.
+
+Random draws (``rng``):
+
+* ``rng: item`` (light, strong): every draw of an image comes from the generator that the
+  caller passes, :func:`item_generator` of ``(seed, epoch, index)``: the same image of the same
+  epoch is augmented the same way in the main process, in any DataLoader worker and after a
+  resume, whatever was drawn before. v2 transforms draw from torch's global generator, so
+  :meth:`Augment.__call__` runs them under ``torch.random.fork_rng`` with the global state set to
+  the given generator's, and writes the advanced state back: v2 samples its own parameters, and
+  the caller's generator is the only source of them.
+* ``rng: global`` (paper): the caller passes no generator and the draws come from torch's global
+  generator, as the training flip always has: exactly one ``torch.rand`` per image when the flip
+  is on (``v2.RandomHorizontalFlip`` draws ``torch.rand(1) < p``, the same number and the same
+  state as ``torch.rand(()) < p``), none when it is off.
+
+Multi-scale training (detectron2's ``ResizeShortestEdge(sample_style="choice")``):
+``data.min_size`` may be a list; :func:`draw_min_size` picks one size per image, from the same
+generator, after :class:`Augment`; evaluation uses one size, :func:`eval_min_size`
+(``data.test_min_size``, by default the largest of the list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+# The ImageNet mean as uint8: what zoom-out and scale jitter fill the canvas with, so the filled
+# area normalises to about 0 (SSD fills with the mean too).
+MEAN_FILL = (124, 116, 104)
+RNG_MODES = ("global", "item")
+# The one builder a config's ``augment`` node may name (fasterrcnn.build's allowlist rule).
+ALLOWED_TARGETS = frozenset({"fasterrcnn.data.augment.Augment"})
+
+
+# ---------------------------------------------------------------------- random streams
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of image ``index`` in ``epoch`` of a run with ``seed``: a CPU
+    ``torch.Generator`` seeded from numpy's ``SeedSequence([seed, epoch, index])`` (a hash that
+    mixes the three, so nearby triples give unrelated streams). Non-negative integers only."""
+    if min(seed, epoch, index) < 0:
+        raise ValueError(f"item_generator: seed, epoch and index must be >= 0, got {(seed, epoch, index)}")
+    high, low = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(high) << 32) | int(low))
+
+
+@contextmanager
+def drawing_from(generator: torch.Generator | None) -> Iterator[None]:
+    """Inside the block torch's global (CPU) generator draws ``generator``'s stream, and
+    ``generator`` has advanced by what was drawn when the block ends; the global state outside is
+    untouched. ``None``: the global generator itself, nothing swapped."""
+    if generator is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------- multi-scale sizes
+def _sizes(min_size: int | Sequence[int]) -> list[int]:
+    sizes = [int(min_size)] if isinstance(min_size, (int, np.integer)) else [int(s) for s in min_size]
+    if not sizes or min(sizes) <= 0:
+        raise ValueError(f"data.min_size must be a positive size or a non-empty list of them, not {min_size!r}")
+    return sizes
+
+
+def draw_min_size(min_size: int | Sequence[int], generator: torch.Generator | None = None) -> int:
+    """The shorter-side size of one training image: ``min_size`` itself when it is one size (no
+    draw, so single-scale runs draw exactly as before), otherwise one of the list, uniformly,
+    from ``generator`` (None: the global generator).
+
+    >>> draw_min_size(600)
+    600
+    >>> draw_min_size([480, 576, 688], torch.Generator().manual_seed(0)) in (480, 576, 688)
+    True
+    """
+    sizes = _sizes(min_size)
+    if len(sizes) == 1:
+        return sizes[0]
+    return sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
+
+
+def eval_min_size(min_size: int | Sequence[int], test_min_size: int | None = None) -> int:
+    """The one shorter-side size of validation, evaluation and prediction (and of the
+    checkpoint's preprocessing): ``test_min_size`` (``data.test_min_size``) when set, otherwise
+    the largest training size (detectron2's default pairs train sizes 640..800 with test 800).
+
+    >>> eval_min_size([480, 576, 688]), eval_min_size(600), eval_min_size([480, 600], 560)
+    (688, 600, 560)
+    """
+    if test_min_size is None:
+        return max(_sizes(min_size))
+    if not isinstance(test_min_size, (int, np.integer)) or test_min_size <= 0:
+        raise ValueError(f"data.test_min_size is one positive size (or null: the largest of data.min_size), not {test_min_size!r}")
+    return int(test_min_size)
+
+
+# ---------------------------------------------------------------------- the augmentation
+def _prob(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"augment.{name} is a probability in [0, 1], not {value!r}")
+    return value
+
+
+def _strength(name: str, value: float, high: float = 1.0) -> float:
+    value = float(value)
+    if not 0.0 <= value <= high:
+        raise ValueError(f"augment.{name} must lie in [0, {high}], not {value!r}")
+    return value
+
+
+def _range(name: str, value: Sequence[float], low: float) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not low < lo <= hi:
+        raise ValueError(f"augment.{name} must be [min, max] with {low} < min <= max, not {list(value)!r}")
+    return lo, hi
+
+
+class Augment:
+    """The training augmentation of one ``conf/augment/*.yaml``: a ``v2.Compose`` built once.
+
+    Args (probabilities are per image; 0 leaves the transform out, drawing nothing):
+        hflip: probability of a horizontal flip (``v2.RandomHorizontalFlip``; paper: 0.5).
+        vflip: probability of a vertical flip (``v2.RandomVerticalFlip``).
+        rot90: rotate by 0, 90, 180 or 270 degrees, each a quarter of the time
+            (``v2.RandomRotation`` at that angle with ``expand``: no pixel is lost).
+        brightness, contrast, saturation, hue: ``v2.ColorJitter``'s strengths: the factor is drawn
+            from ``[1 - s, 1 + s]``, the hue shift from ``[-hue, hue]`` (a fraction of the colour
+            circle, at most 0.5). All 0: no colour change.
+        blur: probability of a ``v2.GaussianBlur`` with sigma drawn from ``blur_sigma``
+            (pixels; the kernel covers 3 sigma).
+        noise: probability of ``v2.GaussianNoise`` of standard deviation ``noise_sigma`` (a
+            fraction of 255).
+        scale_jitter: ``[min, max]`` scale of ``v2.RandomAffine`` about the image centre, with a
+            shift of up to ``translate`` of the image size; the canvas is kept, so above 1 the
+            image is zoomed in and cut, below 1 it is shrunk and the border filled. None: off.
+        zoom_out: probability of ``v2.RandomZoomOut``: the image is placed at random on a canvas
+            up to ``zoom_out_max`` times its sides, filled with ``fill``.
+        iou_crop: probability of ``v2.RandomIoUCrop`` (SSD: a crop of 0.3 to 1 of each side
+            whose IoU with some box reaches a threshold drawn from 0 to 0.9, or no crop, one
+            time in seven).
+        fill: the RGB (uint8) of the canvas outside the image (default: the ImageNet mean).
+        min_box_size: the box-dropping rule (module docstring), in pixels of the original image.
+        rng: ``"global"`` (draws from torch's global generator: the paper's flip, as always
+            drawn) or ``"item"`` (the dataset passes :func:`item_generator` of
+            ``(seed, epoch, index)``). Read by the caller; :meth:`__call__` draws from whatever
+            generator it is given.
+
+    Order: flips, then photometric (colour, blur, noise: the filled canvas stays the fill
+    colour, as in SSD), then scale jitter, zoom-out and IoU crop, the quarter turn, and last the
+    dropping rule.
+    """
+
+    def __init__(
+        self,
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        rot90: bool = False,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        hue: float = 0.0,
+        blur: float = 0.0,
+        blur_sigma: Sequence[float] = (0.1, 1.5),
+        noise: float = 0.0,
+        noise_sigma: float = 0.03,
+        scale_jitter: Sequence[float] | None = None,
+        translate: float = 0.0,
+        zoom_out: float = 0.0,
+        zoom_out_max: float = 2.0,
+        iou_crop: float = 0.0,
+        fill: Sequence[int] = MEAN_FILL,
+        min_box_size: float = 2.0,
+        rng: str = "global",
+    ) -> None:
+        if rng not in RNG_MODES:
+            raise ValueError(f"augment.rng must be one of {RNG_MODES}, not {rng!r}")
+        if float(min_box_size) < 1.0:
+            raise ValueError(f"augment.min_box_size must be >= 1 pixel, not {min_box_size!r}")
+        fill = tuple(int(v) for v in fill)
+        if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+            raise ValueError(f"augment.fill is an RGB colour of three values in 0..255, not {list(fill)!r}")
+        self.rng = rng
+        self.min_box_size = float(min_box_size)
+        steps: list[v2.Transform] = []
+        if _prob("hflip", hflip) > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip))
+        if _prob("vflip", vflip) > 0:
+            steps.append(v2.RandomVerticalFlip(vflip))
+        jitter = {k: _strength(k, v) for k, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation))}
+        jitter["hue"] = _strength("hue", hue, 0.5)
+        if any(jitter.values()):
+            steps.append(v2.ColorJitter(**{k: v or None for k, v in jitter.items()}))
+        if _prob("blur", blur) > 0:
+            sigma = _range("blur_sigma", blur_sigma, 0.0)
+            steps.append(v2.RandomApply([v2.GaussianBlur(2 * int(np.ceil(3 * sigma[1])) + 1, sigma)], p=blur))
+        if _prob("noise", noise) > 0:
+            steps.append(v2.RandomApply([v2.GaussianNoise(sigma=_strength("noise_sigma", noise_sigma))], p=noise))
+        if scale_jitter is not None:
+            shift = _strength("translate", translate)
+            affine = v2.RandomAffine(
+                degrees=0.0, translate=(shift, shift) if shift else None, scale=_range("scale_jitter", scale_jitter, 0.0),
+                interpolation=v2.InterpolationMode.BILINEAR, fill=fill,
+            )
+            steps.append(affine)
+        if _prob("zoom_out", zoom_out) > 0:
+            if not float(zoom_out_max) >= 1.0:
+                raise ValueError(f"augment.zoom_out_max is the largest canvas side / image side, >= 1, not {zoom_out_max!r}")
+            steps.append(v2.RandomZoomOut(fill=fill, side_range=(1.0, float(zoom_out_max)), p=zoom_out))
+        if _prob("iou_crop", iou_crop) > 0:
+            steps.append(v2.RandomApply([v2.RandomIoUCrop()], p=iou_crop))
+        if rot90:
+            # Last: torchvision 0.29 leaves the canvas size of an empty BoundingBoxes unrotated
+            # (rotate with expand), which a later transform asking for the size would refuse.
+            steps.append(v2.RandomChoice([v2.Identity()] + [v2.RandomRotation((a, a), expand=True) for a in (90, 180, 270)]))
+        self.transforms = v2.Compose(steps or [v2.Identity()])  # all off: the image as it is
+        # The dropping rule runs only where a box can be cut (module docstring).
+        self.cuts_boxes = scale_jitter is not None or iou_crop > 0
+
+    def __repr__(self) -> str:
+        return f"Augment(rng={self.rng!r}, min_box_size={self.min_box_size}, cuts_boxes={self.cuts_boxes},\n  {self.transforms})"
+
+    def __call__(
+        self, image: Tensor, boxes: Tensor, labels: Tensor, difficult: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """uint8 ``image (3, H, W)`` with its ``boxes (G, 4)`` (continuous x1y1x2y2 in that
+        image, :mod:`fasterrcnn.boxes`), ``labels (G,)`` and ``difficult (G,)`` -> the augmented
+        ``image (3, H', W')`` uint8 and the ``G' <= G`` boxes that remain, with their labels and
+        flags, in its coordinates. Every draw comes from ``generator`` (None: torch's global one)."""
+        height, width = image.shape[-2:]
+        sample = (tv_tensors.Image(image), tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(height, width)))
+        with drawing_from(generator):
+            out_image, out_boxes = self.transforms(*sample)
+        if self.cuts_boxes:
+            out_boxes, keep = TF.sanitize_bounding_boxes(out_boxes, min_size=self.min_box_size)
+            labels, difficult = labels[keep], difficult[keep]
+        return out_image.as_subclass(Tensor), out_boxes.as_subclass(Tensor), labels, difficult
+
+
+def build_augment(node: Mapping[str, Any]) -> Augment:
+    """:class:`Augment` from a config's ``augment`` node (``_target_`` and plain parameters);
+    the node may name no other builder (:func:`fasterrcnn.build.check_config`)."""
+    from fasterrcnn.build import safe_instantiate, to_container
+
+    return safe_instantiate(to_container(node), "augment", allowed=ALLOWED_TARGETS, _convert_="all")

@@ -1,0 +1,55 @@
+"""Our kernels against torchvision's, value for value."""
+
+import pytest
+import torch
+from torchvision.ops import roi_pool
+
+from fasterrcnn.ops import _log2_floor, roi_pool_exact
+
+
+def _boxes(n_rois: int, n_images: int, height: int, width: int, stride: int, g: torch.Generator) -> torch.Tensor:
+    """RoIs of every kind: inside, across the border, outside, tiny, degenerate, inverted, half-pixel corners."""
+    size = torch.tensor([width * stride, height * stride], dtype=torch.float32)
+    xy = torch.rand(n_rois, 2, generator=g) * size * 1.2 - 0.1 * size
+    wh = torch.rand(n_rois, 2, generator=g) * size * torch.rand(n_rois, 1, generator=g)
+    boxes = torch.cat((xy, xy + wh), dim=1)
+    boxes[::7, 2:] = boxes[::7, :2]  # zero size
+    boxes[1::11, 2:] = boxes[1::11, :2] - 5  # inverted
+    boxes[2::13] = (boxes[2::13] / (stride / 2)).round() * (stride / 2)  # corners at x.5 feature cells
+    index = torch.randint(0, n_images, (n_rois, 1), generator=g).float()
+    return torch.cat((index, boxes), dim=1)
+
+
+@pytest.mark.parametrize(("n", "c", "h", "w", "size", "stride"), [(1, 8, 19, 25, 7, 16), (2, 3, 5, 9, 7, 16), (1, 4, 38, 63, 7, 16), (1, 5, 1, 1, 2, 8), (2, 6, 13, 4, 14, 16)])
+def test_roi_pool_exact_is_torchvisions(n, c, h, w, size, stride):
+    g = torch.Generator().manual_seed(h * w + c)
+    for features in (torch.randn(n, c, h, w, generator=g), torch.randint(-3, 3, (n, c, h, w), generator=g).float()):  # real values, many ties
+        boxes = _boxes(300, n, h, w, stride, g)
+        expected = roi_pool(features, boxes, size, 1.0 / stride)
+        assert torch.equal(roi_pool_exact(features, boxes, size, 1.0 / stride), expected)
+        cl = features.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(roi_pool_exact(cl, boxes, size, 1.0 / stride), expected)
+
+
+def test_roi_pool_exact_without_rois():
+    assert roi_pool_exact(torch.randn(1, 4, 5, 5), torch.zeros(0, 5), 7, 1 / 16).shape == (0, 4, 7, 7)
+
+
+def test_log2_floor():
+    n = torch.arange(1, 5000)
+    assert torch.equal(_log2_floor(n), torch.tensor([int(v).bit_length() - 1 for v in n]))
+
+
+def test_the_roi_head_pools_exactly_at_inference_and_with_torchvision_in_training():
+    from fasterrcnn.heads import RoIHead
+
+    head = RoIHead(torch.nn.Flatten(), 4 * 7 * 7, num_classes=2)
+    features = torch.randn(1, 4, 19, 25, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    rois = _boxes(50, 1, 19, 25, 16, g)[:, 1:]
+    index = torch.zeros(50, dtype=torch.long)
+    trained = head.pool(features, rois, index)
+    assert trained.requires_grad  # torchvision's kernel, with its backward
+    with torch.no_grad():
+        inferred = head.pool(features, rois, index)
+    assert torch.equal(inferred, trained.detach())
