@@ -18,6 +18,7 @@ SMALL_DATA = [
     "data.builtin.num_train=24",
     "data.builtin.num_val=8",
     "data.builtin.num_test=8",
+    "data.builtin.num_test_shift=8",
     "data.num_workers=0",
 ]
 

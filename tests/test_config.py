@@ -69,12 +69,24 @@ def test_paper_recipe_is_reachable_from_config():
         0.3,
         0.05,
     )
-    assert cfg.data.batch_size == 1 and cfg.data.flip_prob == 0.5 and cfg.use_07_metric is True
+    assert cfg.data.batch_size == 1 and cfg.use_07_metric is True
+    # the paper's flip, drawn from torch's global generator as the reference's, and nothing else
+    assert OmegaConf.to_container(cfg.augment) == {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "augment" / "paper.yaml")), "hflip": 0.5, "rng": "global"}
+    assert cfg.data.flip_prob is None and cfg.data.min_size == 600 and cfg.data.test_min_size is None
     # the reference's float-equality tie rule, and its RoI target normalisation
     assert cfg.sampler.anchor_target.best_iou_rtol == 0.0
     assert list(cfg.model.roi_box_coder.std) == [0.1, 0.1, 0.2, 0.2]
     model = build_model(model_config(cfg), pretrained=False)
     assert model.anchor_target_creator.matcher.best_rtol == 0.0 and model.roi_box_coder.std == (0.1, 0.1, 0.2, 0.2)
+
+
+@pytest.mark.parametrize("experiment", ["voc07_vgg16", "voc0712_vgg16", "voc07_resnet101"])
+def test_paper_experiments_pin_the_papers_augmentation(experiment):
+    """Whatever train.yaml's default augmentation becomes, the paper's recipes keep augment=paper."""
+    assert "override /augment: paper" in (CONF_DIR / "experiment" / "voc07_vgg16.yaml").read_text()
+    assert _defaults_list()["augment"] == "paper"
+    cfg = compose_config(BASE + [f"experiment={experiment}"])
+    assert (cfg.augment.rng, cfg.augment.hflip, cfg.augment.scale_jitter, cfg.augment.brightness) == ("global", 0.5, None, 0.0)
 
 
 def test_command_line_group_choice_beats_the_experiment():

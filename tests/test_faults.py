@@ -39,6 +39,9 @@ RUN = [
     "trainer.enable_model_summary=false",
 ]
 EPOCH, STEPS = 8, 16
+# The kill-and-resume runs: the paper's flip (torch's global generator, seeded per batch), and
+# strong augmentation with multi-scale sizes (every draw from its (seed, epoch, index) stream).
+AUGMENT = {"paper": [], "strong": ["augment=strong", "data.min_size=[112,128,144]"]}
 
 
 def _cfg(tmp_path: Path, data_dir: str, name: str, extra: list[str] = ()):
@@ -153,12 +156,24 @@ def test_ckpt_path_auto_resumes_when_there_is_a_last_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- kill and resume
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-    """The reference: the same run, never interrupted."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    metrics = train(_cfg(tmp, data_dir, "run"))
-    assert metrics["status"] == "completed" and metrics["steps"] == STEPS
-    return metrics
+def references(tmp_path_factory, data_dir):
+    """``references(augment)``: the same run, never interrupted (trained once per module)."""
+    done: dict[str, dict] = {}
+
+    def reference(augment: str) -> dict:
+        if augment not in done:
+            tmp = tmp_path_factory.mktemp(f"uninterrupted-{augment}")
+            metrics = train(_cfg(tmp, data_dir, "run", AUGMENT[augment]))
+            assert metrics["status"] == "completed" and metrics["steps"] == STEPS
+            done[augment] = metrics
+        return done[augment]
+
+    return reference
+
+
+@pytest.fixture
+def uninterrupted(references):
+    return references("paper")
 
 
 def _cli(run_dir: Path, data_dir: str, extra: list[str] = (), progress: bool = False) -> subprocess.Popen:
@@ -169,9 +184,9 @@ def _cli(run_dir: Path, data_dir: str, extra: list[str] = (), progress: bool = F
     )
 
 
-def _resume_and_compare(run_dir: Path, data_dir: str, reference: dict) -> dict:
+def _resume_and_compare(run_dir: Path, data_dir: str, reference: dict, extra: list[str] = ()) -> dict:
     """The documented command: the same overrides + ckpt_path=last hydra.run.dir=<the run's folder>."""
-    proc = _cli(run_dir, data_dir, ["ckpt_path=last"])
+    proc = _cli(run_dir, data_dir, [*extra, "ckpt_path=last"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     resumed = json.loads((run_dir / "metrics.json").read_text())
@@ -187,11 +202,12 @@ def _resume_and_compare(run_dir: Path, data_dir: str, reference: dict) -> dict:
     return resumed
 
 
-def test_a_killed_run_resumes_exactly(tmp_path, data_dir, uninterrupted):
+@pytest.mark.parametrize("augment", list(AUGMENT))
+def test_a_killed_run_resumes_exactly(tmp_path, data_dir, references, augment):
     """SIGKILL after a mid-epoch checkpoint of the second epoch; ckpt_path=last goes on."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = _cli(run_dir, data_dir)
+    proc = _cli(run_dir, data_dir, AUGMENT[augment])
     last = run_dir / "checkpoints" / "last.ckpt"
     step = 0
     try:
@@ -209,7 +225,7 @@ def test_a_killed_run_resumes_exactly(tmp_path, data_dir, uninterrupted):
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert EPOCH < ckpt["global_step"] < STEPS and ckpt["global_step"] % 3 == 0
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"  # killed: nobody could say
-    _resume_and_compare(run_dir, data_dir, uninterrupted)
+    _resume_and_compare(run_dir, data_dir, references(augment), AUGMENT[augment])
 
 
 def test_ctrl_c_saves_a_checkpoint_at_the_step_and_the_run_resumes(tmp_path, data_dir, uninterrupted):

@@ -89,3 +89,19 @@ def test_missing_pretrained_weights_give_a_clear_error(tmp_path, monkeypatch):
         vgg16(pretrained=True)
     with pytest.raises(PretrainedWeightsError, match="does not exist"):
         vgg16(pretrained=True, weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_a_pretrained_resnet_checkpoint_rebuilds_without_its_imagenet_weights(monkeypatch):
+    # FasterRCNNModule.load builds with pretrained=False: the same frozen-BatchNorm network,
+    # nothing fetched (before: GroupNorm, and the checkpoint's BatchNorm tensors did not fit).
+    import fasterrcnn.backbones as backbones
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    monkeypatch.setattr(backbones, "load_imagenet_weights", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fetched")))
+    cfg = compose_config(["paths.output_dir=/tmp/unused", "backbone=resnet18"])
+    model = build_model(model_config(cfg), pretrained=False)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.trunk.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.trunk.modules())
+    state = model.state_dict()
+    rebuilt = build_model(model_config(cfg), pretrained=False)
+    rebuilt.load_state_dict(state)  # strict: the same tensors

@@ -33,6 +33,10 @@ def test_train_writes_metrics_checkpoints_and_config(make_cfg, tmp_path):
     assert (out / "config.yaml").is_file()
     assert Path(on_disk["checkpoints"]["last"]).is_file()
     assert on_disk["warnings"] == [] and on_disk["monitor"] == "val/map"
+    t = on_disk["time_s"]
+    assert set(t) == {"startup", "training", "validation", "total"}
+    assert t["startup"] > 0 and t["training"] > 0 and t["validation"] > 0  # imports before the fit; 3 steps; sanity check + 1 validation
+    assert t["startup"] + t["training"] + t["validation"] <= t["total"] + 0.05
 
 
 def test_failed_run_says_so_in_metrics_json(make_cfg):
@@ -143,7 +147,7 @@ def test_end_to_end_the_loss_falls_and_map_rises(make_cfg):
             "data.builtin.num_val=4",
             "data.builtin.num_test=4",
             "data.val_sets=[{split: train}]",
-            "data.flip_prob=0",
+            "augment.hflip=0",
             "backbone.widths=[16,32,64,64]",
             "backbone.head_features=128",
             "optim=adamw",

@@ -75,6 +75,7 @@ def vgg16(
     weights_path: str | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    load_weights: bool = True,
 ) -> Backbone:
     """VGG16 as in the paper: trunk conv1_1..conv5_3 (stride 16, 512 channels, last max-pool
     removed); head fc6 and fc7 (4096) without dropout, as the reference implementation.
@@ -85,9 +86,11 @@ def vgg16(
             reference: conv1 and conv2).
         weights_path: optional local file with the torchvision state dict.
         mean, std: the input normalisation the weights expect (the DataModule applies it).
+        load_weights: False builds the pretrained network without fetching its weights (they
+            come from a detector checkpoint).
     """
     net = torchvision.models.vgg16()
-    if pretrained:
+    if pretrained and load_weights:
         net.load_state_dict(load_imagenet_weights(torchvision.models.VGG16_Weights.IMAGENET1K_V1, weights_path))
     features = net.features[:30]  # drop the final max-pool: stride 16
     pools = [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)]
@@ -119,20 +122,24 @@ def resnet_c4(
     weights_path: str | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    load_weights: bool = True,
 ) -> Backbone:
     """ResNet in the C4 form of the Faster R-CNN paper's ResNet experiments: trunk conv1..res4
     (stride 16), head res5 + global average pooling.
 
     Pretrained: frozen BatchNorm everywhere; ``freeze_blocks`` stages frozen (1 = stem,
     2 = stem + res2). From scratch: GroupNorm(32) and nothing frozen.
-    ``roi_size`` 14 is the usual C4 choice: res5 halves it to 7 x 7.
+    ``roi_size`` 14 is the usual C4 choice: res5 halves it to 7 x 7. ``load_weights`` False
+    builds the pretrained form (frozen BatchNorm) without fetching the ImageNet weights, for a
+    detector checkpoint that brings its own.
     """
     build, weights = _RESNETS[depth]
     if pretrained:
         net = build(norm_layer=FrozenBatchNorm2d)
-        state = load_imagenet_weights(weights, weights_path)
-        # FrozenBatchNorm2d keeps no step counter; everything else must match.
-        net.load_state_dict({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
+        if load_weights:
+            state = load_imagenet_weights(weights, weights_path)
+            # FrozenBatchNorm2d keeps no step counter; everything else must match.
+            net.load_state_dict({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
     else:
         net = build(norm_layer=partial(nn.GroupNorm, 32))
         freeze_blocks = 0

@@ -10,6 +10,10 @@ Conventions, written once here and referred to everywhere else:
   :func:`voc_to_boxes` and :func:`boxes_to_voc` are the only conversion: ``x1 = xmin - 1``,
   ``x2 = xmax``. Under this mapping the devkit's "+1" widths, areas and IoUs are exactly the plain
   continuous ones, so nothing downstream adds or subtracts 1.
+* COCO annotations and results store ``[x, y, width, height]`` in continuous pixel coordinates
+  already (the same origin: a box over pixel columns ``i..j`` has ``x = i``, ``width = j - i + 1``).
+  :func:`coco_to_boxes` and :func:`boxes_to_coco` are the only conversion: the corner moves, no
+  pixel offset.
 * Labels: 0 is background, the dataset's classes are ``1..K``; a label of -1 means "ignored"
   in sampled targets.
 * Deltas are ``(dx, dy, dw, dh)`` as in the paper:
@@ -41,6 +45,23 @@ def voc_to_boxes(voc: Tensor) -> Tensor:
 def boxes_to_voc(boxes: Tensor) -> Tensor:
     """Inverse of :func:`voc_to_boxes`: continuous boxes -> VOC 1-based inclusive coordinates."""
     return boxes + boxes.new_tensor([1.0, 1.0, 0.0, 0.0])
+
+
+def coco_to_boxes(coco: Tensor) -> Tensor:
+    """COCO ``(x, y, width, height)`` -> continuous ``(x1, y1, x2, y2)`` (both continuous: no
+    pixel offset, only ``x2 = x + width``, ``y2 = y + height``).
+
+    >>> coco_to_boxes(torch.tensor([[0., 0., 10., 20.]]))
+    tensor([[ 0.,  0., 10., 20.]])
+    """
+    return torch.cat((coco[..., :2], coco[..., :2] + coco[..., 2:]), dim=-1)
+
+
+def boxes_to_coco(boxes: Tensor) -> Tensor:
+    """Inverse of :func:`coco_to_boxes`: continuous ``(x1, y1, x2, y2)`` -> COCO ``(x, y, width,
+    height)``, computed in the boxes' own dtype (as torchvision's ``box_convert``, which
+    torchmetrics' COCO-style mAP uses, so a results file holds the numbers that mAP saw)."""
+    return torch.cat((boxes[..., :2], boxes[..., 2:] - boxes[..., :2]), dim=-1)
 
 
 def inside_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -85,6 +106,19 @@ class BoxCoder:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.scale_clamp = float(scale_clamp)
+        self._constants: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_constants": {}}  # copies and pickles make their own
+
+    def _mean_std(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``mean`` and ``std`` as ``(4,)`` tensors of ``like``'s dtype and device, made once for
+        each: ``new_tensor`` at every call was a blocking host-to-device copy (a host sync) on a GPU."""
+        key = (like.device, like.dtype)
+        if key not in self._constants:
+            with torch.inference_mode(False):  # plain tensors, usable outside inference mode too
+                self._constants[key] = (like.new_tensor(self.mean), like.new_tensor(self.std))
+        return self._constants[key]
 
     def __repr__(self) -> str:
         return f"BoxCoder(mean={self.mean}, std={self.std})"
@@ -100,11 +134,13 @@ class BoxCoder:
         gx = boxes[..., 0] + 0.5 * gw
         gy = boxes[..., 1] + 0.5 * gh
         deltas = torch.stack(((gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)), dim=-1)
-        return (deltas - deltas.new_tensor(self.mean)) / deltas.new_tensor(self.std)
+        mean, std = self._mean_std(deltas)
+        return (deltas - mean) / std
 
     def decode(self, reference: Tensor, deltas: Tensor) -> Tensor:
         """Boxes ``(..., 4)`` obtained by applying normalised ``deltas`` to ``reference``."""
-        deltas = deltas * deltas.new_tensor(self.std) + deltas.new_tensor(self.mean)
+        mean, std = self._mean_std(deltas)
+        deltas = deltas * std + mean
         reference = reference.to(deltas.dtype)
         pw = reference[..., 2] - reference[..., 0]
         ph = reference[..., 3] - reference[..., 1]

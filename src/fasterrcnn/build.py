@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fasterrcnn.data.augment import build_augment, eval_min_size
 from fasterrcnn.data.datamodule import VOCDataModule
 from fasterrcnn.data.transforms import Preprocess
 from fasterrcnn.model import FasterRCNN
@@ -74,11 +75,21 @@ def to_container(cfg: Mapping | DictConfig) -> dict:
 
 def model_config(cfg: DictConfig) -> dict:
     """The detector's config: backbone, anchor, sampler, model, the class names and the
-    preprocessing (``data.min_size``/``max_size``/``mean``/``std``), so a checkpoint alone says
-    how to prepare an image for it."""
+    preprocessing (``data.max_size``/``mean``/``std`` and the one test size,
+    :func:`fasterrcnn.data.augment.eval_min_size` of ``data.min_size`` and
+    ``data.test_min_size``), so a checkpoint alone says how to prepare an image for it.
+
+    The anchors are plain scales and ratios: ``train`` fits an ``anchor=auto`` node first
+    (:mod:`fasterrcnn.analysis.anchor_fit`); unfitted, it stands for its starting values, with
+    a warning (:func:`~fasterrcnn.analysis.anchor_fit.model_anchor`)."""
+    from fasterrcnn.analysis.anchor_fit import model_anchor
+
     out = {key: to_container(cfg[key]) for key in MODEL_KEYS}
+    out["anchor"] = model_anchor(out["anchor"])
     out["classes"] = list(cfg.data.classes)
-    out["preprocess"] = Preprocess.from_dict({key: to_value(cfg.data[key]) for key in ("min_size", "max_size", "mean", "std")}).to_dict()
+    spec = {key: to_value(cfg.data[key]) for key in ("max_size", "mean", "std")}
+    spec["min_size"] = eval_min_size(to_value(cfg.data.min_size), to_value(cfg.data.get("test_min_size")))
+    out["preprocess"] = Preprocess.from_dict(spec).to_dict()
     return out
 
 
@@ -159,8 +170,8 @@ def build_model(cfg: Mapping, pretrained: bool | None = None, where: str = "mode
     is instantiated.
 
     Args:
-        pretrained: override ``backbone.pretrained`` (False when the weights will come from a
-            checkpoint anyway, so no ImageNet download is attempted).
+        pretrained: False when the weights will come from a checkpoint anyway: the backbone is
+            built as configured but its ImageNet weights are not fetched.
         where: the name of ``cfg`` in error messages.
 
     Raises:
@@ -169,8 +180,10 @@ def build_model(cfg: Mapping, pretrained: bool | None = None, where: str = "mode
     check_config(cfg, where)
     cfg = upgrade_model_config(cfg)
     backbone_cfg = dict(cfg["backbone"])
-    if pretrained is not None and "pretrained" in backbone_cfg:
-        backbone_cfg["pretrained"] = pretrained
+    if pretrained is False and backbone_cfg.get("pretrained"):
+        # the same network (a pretrained ResNet has frozen BatchNorm, one from scratch GroupNorm),
+        # only the ImageNet weights are not fetched: the checkpoint has them
+        backbone_cfg["load_weights"] = False
     sampler = cfg["sampler"]
     # Checkpoints written before the preprocessing travelled with the weights have none: the
     # model then takes the backbone's mean/std and the paper's sizes (callers give the sizes).
@@ -189,4 +202,12 @@ def build_model(cfg: Mapping, pretrained: bool | None = None, where: str = "mode
 
 
 def build_datamodule(cfg: DictConfig) -> VOCDataModule:
-    return instantiate(cfg.data, _convert_="all")
+    """``cfg.data``'s DataModule, with the training augmentation of ``cfg.augment`` (built from
+    :data:`fasterrcnn.data.augment.ALLOWED_TARGETS` only) and the run's seed, when ``cfg`` has
+    them (a training config; ``src/eval.py``'s has neither)."""
+    extra = {}
+    if cfg.get("augment") is not None:
+        extra["augment"] = build_augment(cfg.augment)
+    if cfg.get("seed") is not None:
+        extra["seed"] = int(cfg.seed)
+    return instantiate(cfg.data, _convert_="all", **extra)

@@ -6,7 +6,10 @@
 
 Shape legend (one image): A = anchors (H*W*k), G = ground-truth boxes, R = RoIs.
 Box conventions are those of :mod:`fasterrcnn.boxes`. Everything stays on the input's device
-and is vectorised; sampling uses random keys, so it needs no host synchronisation. The IoU rules
+and is vectorised; sampling uses random keys, so it needs no host synchronisation. On a GPU,
+ProposalCreator is where the host waits: the number of boxes left after dropping the small
+ones, and torchvision's CUDA NMS, which finishes its greedy pass on the host, depend on the
+data (two syncs per image; the CPU keeps :func:`~fasterrcnn.boxes.nms_topk`). The IoU rules
 of both target creators are a :class:`~fasterrcnn.matcher.Matcher`, whose memory stays bounded
 however many objects an image holds.
 """

@@ -11,24 +11,29 @@ from tqdm.auto import tqdm
 
 from fasterrcnn.build import build_datamodule
 from fasterrcnn.evaluation.metrics import DetectionMetrics
-from fasterrcnn.evaluation.results import per_class_table, plot_pr_curves, write_voc_results
+from fasterrcnn.data.sources import find_coco
+from fasterrcnn.evaluation.results import per_class_table, plot_pr_curves, write_coco_files, write_voc_results
 from fasterrcnn.metrics_file import json_safe, write_json
 from fasterrcnn.api import load_module, resolve_device
+from fasterrcnn.threads import set_threads
 
-SPLITS = ("val", "test")
+SPLITS = ("val", "test", "test_shift")  # data.val_sets, data.test_sets, data.shift_sets
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split`` of ``cfg.data``; returns ``metrics.json``'s contents.
 
     Writes into ``cfg.paths.output_dir``: ``metrics.json``, ``per_class.md``, ``pr_curves.png``,
-    ``results/comp4_det_<image set>_<class>.txt`` and ``config.yaml``.
+    ``results/comp4_det_<image set>_<class>.txt``, ``results/coco_<image set>_bbox.json`` (and,
+    unless the data is one COCO file, the ``coco_<image set>_gt.json`` it refers to) and
+    ``config.yaml``.
     """
     if cfg.split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)} (data.val_sets / data.test_sets), not {cfg.split!r}")
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} (data.val_sets / data.test_sets / data.shift_sets), not {cfg.split!r}")
     output_dir = cfg.paths.output_dir
     os.makedirs(output_dir, exist_ok=True)
     device = resolve_device(cfg.device)
+    set_threads(cfg.get("threads", "auto"))  # fasterrcnn.threads: leave busy cores to their processes
     module = load_module(cfg.ckpt_path, device)
     model_cfg = module.hparams["model_cfg"]
     classes = list(model_cfg["classes"])
@@ -44,6 +49,8 @@ def evaluate(cfg: DictConfig) -> dict:
         cfg.backbone = OmegaConf.create(model_cfg["backbone"])
         if "preprocess" in model_cfg:
             cfg.data.min_size, cfg.data.max_size = spec.min_size, spec.max_size
+        if "test_min_size" in cfg.data:
+            cfg.data.test_min_size = None  # data.min_size is now the one test size
         cfg.data.mean, cfg.data.std = list(spec.mean), list(spec.std)
         for key in ("min_size", "max_size"):
             if cfg.get(key) is not None:
@@ -52,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    loader = datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
+    loader = datamodule.eval_dataloader(cfg.split)
     sets = datamodule.sets[cfg.split]
     image_set = sets[0]["split"] if len(sets) == 1 else "+".join(s["split"] for s in sets)
 
@@ -60,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = DetectionMetrics(classes, cfg.use_07_metric, cfg.recall_counts, cfg.recall_ious, coco=cfg.coco)
     image_ids: list[str] = []
     detections: list[dict] = []
+    ground_truth: list[dict] = []
     start = time.time()
     for batch in tqdm(loader, desc=f"evaluating {cfg.data.name} {image_set}", unit="img"):
         batch = batch.to(device)
@@ -69,11 +77,16 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics.update_batch(outputs, batch)
         image_ids += batch.image_ids
         detections += [{k: det[k].cpu() for k in ("boxes", "scores", "labels")} for det in outputs]
+        ground_truth += [  # for the COCO ground-truth file of VOC-layout data
+            {"boxes": b.cpu(), "labels": lab.cpu(), "difficult": d.cpu(), "size": s}
+            for b, lab, d, s in zip(batch.original_boxes, batch.labels, batch.difficult, batch.original_sizes)
+        ]
     summary = metrics.compute()
     per_class = metrics.per_class()
 
     results_dir = os.path.join(output_dir, "results")
     write_voc_results(results_dir, image_set, classes, image_ids, detections)
+    coco_files = write_coco_files(results_dir, image_set, classes, image_ids, detections, ground_truth, find_coco(loader.dataset))
     with open(os.path.join(output_dir, "per_class.md"), "w") as f:
         f.write(per_class_table(per_class, summary))
     aps = {name: c["ap_voc07" if cfg.use_07_metric else "ap_voc10"] for name, c in per_class.items()}
@@ -89,6 +102,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "metrics": {f"{cfg.split}/{k}": v for k, v in summary.items()},
         "per_class": per_class,
         "results_dir": results_dir,
+        **coco_files,  # coco_results, coco_gt (fasterrcnn.evaluation.results.write_coco_files)
         "output_dir": output_dir,
         "eval_time_s": round(time.time() - start, 2),
     }

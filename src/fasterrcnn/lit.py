@@ -31,6 +31,9 @@ OPTIM_KEYS = (
 )
 
 NONFINITE_POLICIES = ("stop", "skip")
+# The log prefix of each validation loader: the validation split, then the shifted split
+# (data.val_shift, fasterrcnn.data.datamodule.VOCDataModule.val_dataloader).
+VAL_PREFIXES = ("val", "val_shift")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +82,8 @@ class FasterRCNNModule(L.LightningModule):
         self.class_names = list(model_cfg["classes"])
         evaluation = {k: v for k, v in (evaluation or {}).items() if k in ("recall_counts", "recall_ious", "coco")}
         self.evaluator = DetectionMetrics(self.class_names, use_07_metric, **evaluation)
+        # validation loader 0 (val/...) and, under data.val_shift, 1: the shifted split (val_shift/...)
+        self.evaluators = (self.evaluator, DetectionMetrics(self.class_names, use_07_metric, **evaluation))
         self.use_07_metric = use_07_metric
         # The last validation's precision-recall curves (for the dashboard's end-of-run panel).
         self.pr_curves: dict = {}
@@ -166,36 +171,52 @@ class FasterRCNNModule(L.LightningModule):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     def on_validation_epoch_start(self) -> None:
-        self.evaluator.reset()
+        for evaluator in self.evaluators:
+            evaluator.reset()
 
-    def validation_step(self, batch: DetectionBatch, batch_idx: int) -> dict:
+    def validation_step(self, batch: DetectionBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Losses, detections and proposal recall from one trunk pass (:meth:`FasterRCNN.trace`
         with both branches); returns the detections (with proposals) for callbacks such as the
-        dashboard's image panel."""
+        dashboard's image panel. Under ``data.val_shift`` the second loader (``dataloader_idx``
+        1) is the shifted split, logged as ``val_shift/...``."""
+        prefix, evaluator = VAL_PREFIXES[dataloader_idx], self.evaluators[dataloader_idx]
         boxes, labels = training_targets(batch)
-        n_proposals = self.evaluator.max_proposals
+        n_proposals = evaluator.max_proposals
         trace = self.model.trace(batch.images, batch.image_sizes, batch.original_sizes, boxes, labels, detect=True, num_proposals=n_proposals)
         out = trace.training.losses  # type: ignore[union-attr]
-        self.log_dict({f"val/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch), sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": out[k] for k in LOSS_KEYS}, batch_size=len(batch), sync_dist=True, add_dataloader_idx=False)
         detections = detections_with_proposals(trace) if n_proposals is not None else trace.testing.detections  # type: ignore[union-attr]
-        self.evaluator.update_batch(detections, batch)
+        evaluator.update_batch(detections, batch)
         return {"detections": detections}
 
     def on_validation_epoch_end(self) -> None:
-        """``val/map`` and the rest of :class:`DetectionMetrics` over the whole split."""
-        self.evaluator.sync(num_images=self._val_set_size())
-        result = self.evaluator.compute()
-        self.log("val/map", result.pop("map"), prog_bar=True)
-        self.log_dict({f"val/{k}": v for k, v in result.items() if not math.isnan(v)})
-        self.log("val/num_images", float(self.evaluator.num_images))
+        """``val/map`` and the rest of :class:`DetectionMetrics` over the whole split; the same
+        as ``val_shift/...`` over the shifted split when it is validated too (the best
+        checkpoint is still chosen on ``val/map``)."""
+        for index, (prefix, evaluator) in enumerate(zip(VAL_PREFIXES, self.evaluators)):
+            if index >= self._num_val_loaders():
+                break
+            evaluator.sync(num_images=self._val_set_size(index))
+            result = evaluator.compute()
+            self.log(f"{prefix}/map", result.pop("map"), prog_bar=index == 0)
+            self.log_dict({f"{prefix}/{k}": v for k, v in result.items() if not math.isnan(v)})
+            self.log(f"{prefix}/num_images", float(evaluator.num_images))
         self.pr_curves = self.evaluator.pr_curves()
 
-    def _val_set_size(self) -> int | None:
-        """The number of validation images (before a distributed sampler pads them)."""
+    def _val_loaders(self) -> list:
         trainer = self._attached_trainer
         loaders = trainer.val_dataloaders if trainer is not None else None
+        return [] if loaders is None else list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+    def _num_val_loaders(self) -> int:
+        """1, or 2 with the shifted split (1 without a Trainer: tests call the steps directly)."""
+        return max(1, min(len(self._val_loaders()), len(VAL_PREFIXES)))
+
+    def _val_set_size(self, index: int = 0) -> int | None:
+        """The number of images of validation loader ``index`` (before a distributed sampler pads them)."""
+        loaders = self._val_loaders()
         try:
-            return len(loaders.dataset) if loaders is not None else None  # type: ignore[union-attr]
+            return len(loaders[index].dataset) if index < len(loaders) else None
         except (AttributeError, TypeError):
             return None
 

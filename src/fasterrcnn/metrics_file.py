@@ -14,6 +14,10 @@ Keys (stable; documented in the README):
 * ``best``: the same for the validation with the highest ``monitor``;
 * ``epochs``, ``steps``: training progress when the file was written;
 * ``train_time_s``: wall-clock seconds of training (all parts of a resumed run);
+* ``threads``: the CPU threads the run used (``threads=auto``: :mod:`fasterrcnn.threads`);
+* ``time_s``: the wall clock split into ``startup`` (process start to the fit: imports, data
+  generation, checks), ``training`` (the training loop less its validations), ``validation``
+  (every validation loop) and ``total`` (the process so far);
 * ``skipped_steps``: steps skipped for a non-finite loss (``fault.on_nonfinite_loss=skip``);
 * ``skipped_samples``: bad samples left out under ``data.on_bad_sample=skip``, per stage and
   problem kind, ``{"train": {"missing_image": 2, "unreadable_image": 1}, "val": {}, "test": {}}``
@@ -26,6 +30,11 @@ Keys (stable; documented in the README):
   bound but stayed finite (by default above 10 x its early median, or above 1e4:
   :class:`fasterrcnn.callbacks.DivergenceWarning`), with its ``loss``; [] when none;
 * ``resumed_from``: the checkpoint a resumed run started from, else null;
+* ``init_from``: a fine-tuning run's start (:mod:`fasterrcnn.finetune`), else null:
+  ``{"path", "loaded": <tensors copied whole>, "class_specific": [<tensors mapped by row>],
+  "mapped": {class: [checkpoint label, this run's label]}, "reinitialised": [classes],
+  "dropped": [the checkpoint's classes not in this run], "source_classes": [...]}``; kept
+  across a resume (it is in the checkpoints);
 * ``checkpoints``: paths of the ``best`` and ``last`` checkpoints;
 * ``overrides``: the command-line overrides of the run; ``output_dir``: its folder.
 
@@ -153,6 +162,18 @@ def find_runs(sweep: str | os.PathLike) -> list[Run]:
     return [read_run(p, int(p.name)) for p in sorted(dirs, key=lambda p: int(p.name))]
 
 
+def process_start_time() -> float:
+    """When this process started (epoch seconds), from ``/proc`` where there is one, else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 class MetricsFile(L.Callback):
     """Keeps ``metrics.json`` up to date after every validation and at the end of the run.
 
@@ -172,6 +193,14 @@ class MetricsFile(L.Callback):
         self.monitor = monitor
         self.start = time.time()
         self.time_before = 0.0  # training seconds of the parts before a resume
+        self.process_start = process_start_time()
+        self.fit_start: float | None = None
+        self.train_start: float | None = None
+        self.validation_start: float | None = None
+        self.validation_s = 0.0  # this part's validation loops (the sanity check and the last validate included)
+        self.validation_in_training = 0.0
+        self.train_end: float | None = None
+        self.times_before = {"training": 0.0, "validation": 0.0}
         self.data: dict[str, Any] = {
             "status": "running",
             "error": None,
@@ -182,10 +211,13 @@ class MetricsFile(L.Callback):
             "epochs": 0,
             "steps": 0,
             "train_time_s": 0.0,
+            "threads": None,
+            "time_s": {"startup": None, "training": 0.0, "validation": 0.0, "total": None},
             "skipped_steps": 0,
             "skipped_samples": {"train": {}, "val": {}, "test": {}},
             "warnings": [],
             "resumed_from": None,
+            "init_from": None,
             "checkpoints": {"best": None, "last": None},
             "overrides": list(overrides or []),
             "output_dir": output_dir,
@@ -208,25 +240,67 @@ class MetricsFile(L.Callback):
                 last = last or ckpt.last_model_path or None
             self.data["checkpoints"] = {"best": ckpt.best_model_path or None if ckpt is not None else None, "last": last}
         self.data["train_time_s"] = round(self.time_before + time.time() - self.start, 2)
+        self.data["time_s"] = self.time_split()
         if rank_zero_only.rank == 0:  # under DDP the file is rank 0's
             write_json(self.path, self.data)
 
+    def time_split(self) -> dict[str, float | None]:
+        """Wall-clock seconds of the run: ``startup`` (the process start to the fit: imports,
+        data generation and checks, building), ``validation`` (every validation loop, the
+        sanity check and the last validate included), ``training`` (the training loop less the
+        validations inside it) and ``total`` (the process so far); training and validation add
+        up over the parts of a resumed run."""
+        now = time.time()
+        running = now - self.validation_start if self.validation_start is not None else 0.0
+        training = 0.0
+        if self.train_start is not None:
+            training = (self.train_end or now) - self.train_start - self.validation_in_training - (running if self.train_end is None else 0.0)
+        startup = self.fit_start - self.process_start if self.fit_start is not None else None
+        return {
+            "startup": None if startup is None else round(startup, 2),
+            "training": round(self.times_before["training"] + max(training, 0.0), 2),
+            "validation": round(self.times_before["validation"] + self.validation_s + running, 2),
+            "total": round(now - self.process_start, 2),
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.data["best"], "final": self.data["final"], "train_time_s": self.time_before + time.time() - self.start}
+        split = self.time_split()
+        return {
+            "best": self.data["best"],
+            "final": self.data["final"],
+            "init_from": self.data.get("init_from"),
+            "train_time_s": self.time_before + time.time() - self.start,
+            "time_s": {"training": split["training"], "validation": split["validation"]},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.data["best"], self.data["final"] = state_dict["best"], state_dict["final"]
+        self.data["init_from"] = state_dict.get("init_from")  # None in checkpoints from before fine-tuning
         self.time_before = state_dict["train_time_s"]
+        self.times_before = dict(state_dict.get("time_s", self.times_before))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.time()
+        self.fit_start = self.start
         if trainer.is_global_zero:
             self.write(trainer)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_start = time.time()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validation_start = time.time()
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validation_start is not None:
+            seconds = time.time() - self.validation_start
+            self.validation_s += seconds
+            if self.train_start is not None and self.train_end is None:
+                self.validation_in_training += seconds
+            self.validation_start = None
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        metrics = {k: json_safe(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: json_safe(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_shift/"))}
         if not metrics:
             return
         metrics["epoch"] = trainer.current_epoch
@@ -238,6 +312,7 @@ class MetricsFile(L.Callback):
         self.write(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_end = time.time()
         if trainer.is_global_zero:
             self.write(trainer, status="interrupted" if trainer.interrupted else "completed")
             self.log_skipped_samples(trainer)

@@ -24,6 +24,13 @@ a profile (``scripts/bench.py``) says where the time goes; without a profiler ea
 Mixed precision: under ``torch.autocast`` (Lightning's ``trainer.precision=bf16-mixed``) the
 convolutions and linear layers run in bf16; box decoding, proposal scores and the losses are
 computed in fp32 (bf16 numbers between 256 and 512 lie 2 apart: too coarse for pixels).
+
+On a GPU everything runs on the model's device (anchors are buffers, targets and sampling are
+tensor ops). The training branch is meant to wait for the GPU only where a count depends on
+the data, in ProposalCreator (the boxes left after dropping small ones; torchvision's CUDA NMS,
+which ends on the host): ``tests/test_cuda.py`` lists every host sync of a training step, why
+it is there, and checks the list (on the CPU by tracing the calls, on a GPU with
+``torch.cuda.set_sync_debug_mode``).
 """
 
 from __future__ import annotations
@@ -136,7 +143,12 @@ class FasterRCNN(nn.Module):
             0.7 to visualise).
         max_detections: keep at most this many detections per image (None: all, as the reference).
         channels_last: keep the convolutions' weights and inputs in the channels-last (NHWC)
-            memory layout, which oneDNN runs faster on CPU; results agree to float rounding.
+            memory layout, which oneDNN runs faster on CPU (and cuDNN's tensor-core kernels
+            expect on GPUs); results agree to float rounding.
+        compile: ``torch.compile`` the trunk, the RPN head and the RoI head's layers in place
+            (``nn.Module.compile``: the state dict keeps its keys, so checkpoints load either
+            way); the box, sampling and NMS code between them stays eager (data-dependent
+            shapes). Off by default: the first steps of each new input size pay for compiling.
     """
 
     def __init__(
@@ -159,6 +171,7 @@ class FasterRCNN(nn.Module):
         score_thresh: float = 0.05,
         max_detections: int | None = None,
         channels_last: bool = False,
+        compile: bool = False,  # noqa: A002 (the config key is model.compile)
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -193,6 +206,10 @@ class FasterRCNN(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-d weights only; Module.to(device) keeps it
+        self.compiled = bool(compile)  # not self.compile: that is nn.Module's method
+        if compile:
+            for module in (self.trunk, self.rpn, self.roi_head.head):
+                module.compile()  # lazily, at the first call; follows the module to its device
 
     @property
     def roi_box_coder(self) -> BoxCoder:
@@ -378,7 +395,7 @@ class FasterRCNN(nn.Module):
         scores = probs[:, 1:]  # (R, K)
         labels = torch.arange(1, self.num_classes + 1, device=probs.device).expand_as(scores)
         boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-        keep = scores > score_thresh
+        keep = (scores > score_thresh).nonzero().squeeze(1)  # one host sync on a GPU, not one per mask
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, nms_thresh)  # sorted by decreasing score
         if self.max_detections is not None:

@@ -9,18 +9,23 @@ Lightning's checkpoint has the weights, the optimiser, the LR schedule and the l
 * where the epoch's data order stands: a plain DataLoader restarts a resumed epoch at its first
   batch, in a new order. :class:`ResumableLoader` draws each epoch's order from ``seed + epoch``
   and starts a resumed epoch where the checkpoint left it;
-* the data augmentation's random draws: each training batch is loaded with the torch generator
-  seeded from ``(seed, epoch, batch)``, so a flip does not depend on when the batch was fetched
-  (Lightning prefetches one batch: at a checkpoint the next batch is already loaded).
+* the data augmentation's random draws: the sampler hands the dataset ``(epoch, index)`` pairs,
+  so ``rng: item`` augmentation (``augment=light|strong``) draws image ``index`` of ``epoch`` from
+  its own ``(seed, epoch, index)`` stream in whatever process loads it; and each training batch
+  is loaded with the torch generator seeded from ``(seed, epoch, batch)``, so the paper's flip
+  (``rng: global``) does not depend on when the batch was fetched (Lightning prefetches one
+  batch: at a checkpoint the next batch is already loaded).
 
 :class:`ExactResume` keeps its state through Lightning's public callback state
 (``state_dict``/``load_state_dict``, saved in every checkpoint). Writing the checkpoints
 (``last.ckpt`` every N steps, atomically, and at Ctrl-C) is :mod:`fasterrcnn.checkpointing`.
 
 With ``data.num_workers=0`` (the CPU default) a resumed run is bit-for-bit the run that was not
-interrupted (tests/test_faults.py). With workers the flips are drawn in the worker processes
-and a resumed epoch flips differently; weights, optimiser, schedule and data order still resume
-exactly. Under DDP every rank resumes with rank 0's RNG state (the checkpoint is rank 0's).
+interrupted (tests/test_faults.py, ``augment=paper`` and ``augment=strong``). With workers,
+``rng: item`` augmentation still draws exactly what the main process would
+(tests/test_augment_wiring.py); ``augment=paper``'s flips are then drawn from the workers'
+generators and a resumed epoch flips differently. Weights, optimiser, schedule and data order
+resume exactly either way. Under DDP every rank resumes with rank 0's RNG state (the checkpoint is rank 0's).
 """
 
 from __future__ import annotations
@@ -62,7 +67,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 class ResumableSampler(DistributedSampler):
     """A :class:`DistributedSampler` (one replica without DDP) that can start its epoch at any
     sample: ``start`` samples of this replica's order are left out. Being a DistributedSampler,
-    Lightning keeps it under DDP instead of putting its own in its place."""
+    Lightning keeps it under DDP instead of putting its own in its place.
+
+    It yields ``(epoch, index)`` pairs (:class:`fasterrcnn.data.dataset.DetectionDataset` takes
+    both): DataLoader workers, persistent ones included, receive the epoch with each index
+    instead of a copy of the dataset made before the epoch was set."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
@@ -70,7 +79,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         # The order of epoch e is randperm(seed + e), whatever happened before (DistributedSampler).
-        return iter(list(super().__iter__())[self.start :])
+        return iter([(self.epoch, index) for index in list(super().__iter__())[self.start :]])
 
 
 class ResumableLoader(DataLoader):

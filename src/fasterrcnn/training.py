@@ -8,6 +8,7 @@ import netrc
 import os
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -21,7 +22,9 @@ from fasterrcnn.callbacks import instantiate_callbacks
 from fasterrcnn.checkpointing import AtomicCheckpointIO
 from fasterrcnn.dashboards import DashboardPanels
 from fasterrcnn.data import VOCDataModule
+from fasterrcnn.finetune import apply_init_from
 from fasterrcnn.lit import FasterRCNNModule
+from fasterrcnn.threads import set_threads
 from fasterrcnn.metrics_file import MetricsFile, write_json
 from fasterrcnn.resume import ExactResume
 
@@ -145,11 +148,24 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError("callbacks: a fasterrcnn.metrics_file.MetricsFile is required (train() returns metrics.json; sweeps read it)")
     metrics.write()
     loggers: list[Logger] = []
+    threads_before = torch.get_num_threads()
     try:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         metrics.data["resumed_from"] = ckpt_path
         L.seed_everything(cfg.seed, workers=True)
+        # threads=auto leaves the cores other processes keep busy to them (fasterrcnn.threads)
+        metrics.data["threads"] = set_threads(cfg.get("threads", "auto"))
+        log.info("%d CPU thread(s) for this run (threads=%s)", metrics.data["threads"], cfg.get("threads", "auto"))
         datamodule = build_datamodule(cfg)
+        # anchor=auto: scales and ratios fitted to the training boxes before the model is built
+        # (a resumed run takes its checkpoint's); config.yaml is written again with them.
+        from fasterrcnn.analysis.anchor_fit import fit_config
+
+        anchor_fit = fit_config(cfg, datamodule, ckpt_path)
+        if anchor_fit is not None:
+            metrics.data["anchor_fit"] = anchor_fit
+            if rank_zero_only.rank == 0:
+                OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=True)
         metrics.data["selected_on"] = selected_on(selection, datamodule)
         module = FasterRCNNModule(
             model_config(cfg),
@@ -158,6 +174,9 @@ def train(cfg: DictConfig) -> dict:
             evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True) if cfg.get("evaluation") else None,
             on_nonfinite_loss=cfg.fault.on_nonfinite_loss,
         )
+        # init_from: this new run starts from another run's weights, classes mapped by name
+        # (fasterrcnn.finetune); a resume (ckpt_path) wins
+        metrics.data["init_from"] = apply_init_from(module, cfg.get("init_from"), ckpt_path)
         # Exact resume: the RNG states and the data position go into every checkpoint; the
         # training loader starts where the checkpoint left it.
         resume = next((cb for cb in callbacks.values() if isinstance(cb, ExactResume)), None)
@@ -187,6 +206,7 @@ def train(cfg: DictConfig) -> dict:
             metrics.write(status="interrupted" if interrupted else "failed", error=None if interrupted else repr(err))
         raise
     finally:
+        torch.set_num_threads(threads_before)  # train() is also a library call (tests, sweeps in one process)
         if any(isinstance(lg, WandbLogger) for lg in loggers):
             finish_wandb()
 

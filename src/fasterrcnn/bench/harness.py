@@ -67,9 +67,13 @@ def setup(
     overrides: Sequence[str], seed: int = 0, device: str = "cpu", image_size: Sequence[int] | None = None
 ) -> tuple[DictConfig, FasterRCNN, DetectionBatch]:
     """The composed config (untrained weights, nothing downloaded), our model seeded with ``seed``
-    on ``device`` and the bench's batch (:func:`load_batch`)."""
+    on ``device`` and the bench's batch (:func:`load_batch`). On a GPU ``trainer.benchmark``
+    (``trainer=gpu``: true) sets ``cudnn.benchmark`` as Lightning's Trainer would, for every
+    contender of the process."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(list(overrides), output_dir=tmp, pretrained=False)
+    if torch.device(device).type == "cuda" and cfg.trainer.get("benchmark") is not None:
+        torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
     torch.manual_seed(seed)
     model = build_model(model_config(cfg), pretrained=False)
     return cfg, model.to(device), load_batch(cfg, image_size).to(device)
@@ -197,7 +201,9 @@ def peak_memory(name: str, overrides: Sequence[str], seed: int, device: str, thr
     """In this process (meant to be a fresh one): build one contender (``ours``, ``torchvision``
     or ``torchvision_same``), reset the peak RSS (Linux ``VmHWM``), run two training steps (the
     optimiser's state exists from the second on) and an inference; the growth of the peak over
-    the post-build RSS, in MiB."""
+    the post-build RSS, in MiB. On a GPU also the peak of the memory torch allocated there
+    (``torch.cuda.max_memory_allocated``, reset after the build) and its growth over the built
+    model, and the peak the caching allocator reserved."""
     from fasterrcnn.bench.twin import torchvision_twin
 
     if threads:
@@ -212,6 +218,11 @@ def peak_memory(name: str, overrides: Sequence[str], seed: int, device: str, thr
         del model
         contender = Contender(name, tv, "torchvision", batch, autocast)
     gc.collect()
+    cuda = batch.images.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
     base = _proc_status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -223,7 +234,17 @@ def peak_memory(name: str, overrides: Sequence[str], seed: int, device: str, thr
     contender.train_step()
     contender.infer()
     peak = _proc_status_kib("VmHWM")
-    return {"rss_after_build_mib": base / 1024, "peak_rss_mib": peak / 1024, "peak_growth_mib": (peak - base) / 1024, "peak_reset": reset}
+    out = {"rss_after_build_mib": base / 1024, "peak_rss_mib": peak / 1024, "peak_growth_mib": (peak - base) / 1024, "peak_reset": reset}
+    if cuda:
+        torch.cuda.synchronize()
+        gpu_peak = torch.cuda.max_memory_allocated()
+        out.update(
+            gpu_after_build_mib=gpu_base / 2**20,
+            peak_gpu_mib=gpu_peak / 2**20,
+            peak_gpu_growth_mib=(gpu_peak - gpu_base) / 2**20,
+            peak_gpu_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
+        )
+    return out
 
 
 def measure_memory(
@@ -243,7 +264,8 @@ def measure_memory(
                 result[name] = pool.submit(peak_memory, name, list(overrides), seed, device, threads, image_size).result()
             except BrokenProcessPool as err:
                 raise RuntimeError(f"memory measurement of {name}: the child process died (an error above, or killed by the OS for memory?)") from err
-        log(f"  {name}: peak RSS {result[name]['peak_rss_mib']:.0f} MiB (+{result[name]['peak_growth_mib']:.0f} MiB over the built model)")
+        gpu = f", peak GPU {result[name]['peak_gpu_mib']:.0f} MiB (+{result[name]['peak_gpu_growth_mib']:.0f})" if "peak_gpu_mib" in result[name] else ""
+        log(f"  {name}: peak RSS {result[name]['peak_rss_mib']:.0f} MiB (+{result[name]['peak_growth_mib']:.0f} MiB over the built model){gpu}")
     return result
 
 
@@ -264,7 +286,8 @@ def data_throughput(cfg: DictConfig, num_images: int) -> float:
 
 
 def machine() -> dict[str, str | int]:
-    """The CPU, its cores, torch's threads and version, and the load average now."""
+    """The CPU, its cores, torch's threads and version, the load average now and, where CUDA
+    is available, the GPU and the CUDA version torch was built with."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -275,4 +298,8 @@ def machine() -> dict[str, str | int]:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "n/a"
-    return {"cpu": cpu, "cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": load}
+    out: dict[str, str | int] = {"cpu": cpu, "cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": load}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = str(torch.version.cuda)
+    return out

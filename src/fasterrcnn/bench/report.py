@@ -42,14 +42,24 @@ def table(result: dict) -> str:
     if result.get("memory"):
         memory = result["memory"]
         lines.append(_row("peak RSS growth (MiB)", [f"{memory[n]['peak_growth_mib']:.0f}" if n in memory else "-" for n in names]))
+        if any("peak_gpu_mib" in m for m in memory.values()):
+            lines.append(_row("peak GPU memory (MiB)", [f"{memory[n]['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in memory.get(n, {}) else "-" for n in names]))
+            lines.append(_row("  growth over the model (MiB)", [f"{memory[n]['peak_gpu_growth_mib']:.0f}" if "peak_gpu_mib" in memory.get(n, {}) else "-" for n in names]))
     lines.append("")
     lines += [f"{label:40} {result[key]:.3f}" for key, label in RATIOS if key in result]
 
     split = result["split"]
-    lines += ["", "our training step (ms):  " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in split["train_forward"].items())]
+    gpu = result["config"].get("device") == "cuda"
+    kind = " (GPU time of each stage's kernels)" if gpu else ""
+    lines += ["", f"our training step (ms){kind}:  " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in split["train_forward"].items())]
     lines.append(f"  backward {split['backward_s'] * 1000:.1f}, optimiser step {split['optimizer_s'] * 1000:.1f}")
     lines.append("our inference (ms):      " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in split["infer"].items()))
     iso = split["isolated"]
+    if "outside_s" in split:  # older bench.json files have only the CPU-time figure
+        lines.append(
+            f"wall clock: trunk fwd+bwd {iso['trunk'] * 1000:.1f} ms, RoI head layers fwd+bwd {iso['roi_head_layers'] * 1000:.1f} ms: "
+            f"outside them {split['outside_s'] * 1000:.1f} ms, {split['outside_share_wall']:.1%} of a training step"
+        )
     lines.append(
         f"CPU time: trunk fwd+bwd {iso['trunk_cpu'] * 1000:.1f} ms, RoI head layers fwd+bwd {iso['roi_head_layers_cpu'] * 1000:.1f} ms, "
         f"optimiser step {split['forward_backward_optimizer_cpu_s'][2] * 1000:.1f} ms ({split['trunk_and_head_param_share']:.1%} of it theirs): "

@@ -12,7 +12,7 @@ contenders interleaved (:func:`~fasterrcnn.bench.harness.run_interleaved`):
 
 * ``train_s``, ``infer_s`` (and ``*_cpu_s`` in CPU time, ``*_runs_s`` every run): the training
   step (forward, backward, SGD step) and inference per image of ``ours``, ``torchvision`` and,
-  when our memory-format or precision settings are not the defaults, ``torchvision_same``
+  when our memory-format, precision or compile settings are not the defaults, ``torchvision_same``
   (torchvision with those settings); ``*_ratio`` = ours / torchvision of those medians;
 * ``split``: our time split (:func:`~fasterrcnn.bench.stages.time_split`): each forward stage
   from one profiled step, backward and the optimiser step, the trunk and the RoI head's layers
@@ -67,13 +67,17 @@ def run(overrides: list[str], options: SpeedOptions, log: Log = print) -> dict:
     device = batch.images.device
     sync = harness.synchronizer(device)
     settings = {"channels_last": bool(model.channels_last), "precision": str(cfg.trainer.precision)}
+    if model.compiled:
+        settings["compile"] = True  # model.compile=true: torch.compile of the trunk and heads
+    if device.type == "cuda":
+        settings["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)  # harness.setup: trainer.benchmark
     autocast = harness.autocast_factory(settings["precision"], device)
     contenders = [
         Contender("ours", model, "ours", batch, autocast, sync),
         Contender("torchvision", torchvision_twin(model).to(device), "torchvision", batch, sync=sync),
     ]
-    if settings["channels_last"] or settings["precision"] not in harness.DEFAULT_PRECISIONS:
-        same = torchvision_twin(model, channels_last=settings["channels_last"]).to(device)
+    if settings["channels_last"] or model.compiled or settings["precision"] not in harness.DEFAULT_PRECISIONS:
+        same = torchvision_twin(model, channels_last=settings["channels_last"], compiled=model.compiled).to(device)
         contenders.append(Contender("torchvision_same", same, "torchvision", batch, autocast, sync))  # torchvision, our settings
         del same
     anchor_diff = check_anchors(model, contenders[1].model, batch.images)
@@ -90,7 +94,7 @@ def run(overrides: list[str], options: SpeedOptions, log: Log = print) -> dict:
 
     names = [c.name for c in contenders]
     result: dict = {
-        "config": {"overrides": overrides, "image_size": [h, w], "settings": settings, "repeats": options.repeats, "warmup": options.warmup},
+        "config": {"overrides": overrides, "image_size": [h, w], "settings": settings, "repeats": options.repeats, "warmup": options.warmup, "device": device.type},
         "machine": {**harness.machine(), "load_average_at_start": start_load},
         "anchor_max_abs_diff_px": anchor_diff,
         "twin_inference_diff": twin_diff,

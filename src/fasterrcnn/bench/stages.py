@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fasterrcnn.bench.harness import Contender, median
@@ -46,10 +47,16 @@ def profile_stages(contender: Contender, steps: int = 1) -> dict[str, dict[str, 
     Returns ``train`` and ``infer`` (stage -> seconds) and ``train_step_s`` and ``infer_s``,
     the wall-clock time of those profiled calls (profiler overhead included), which the stages
     sum to at most. A stage missing from the profile raises (a renamed scope would otherwise
-    read as 0 s)."""
+    read as 0 s).
+
+    On a GPU the stage times are the GPU time of the kernels each scope launched (the host's
+    time in a scope is mostly launching, or waiting at a sync), and ``train_host`` and
+    ``infer_host`` hold the host's."""
     out: dict[str, dict[str, float] | float] = {}
+    cuda = contender.images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     for mode, stages, fn in (("train", TRAIN_STAGES, contender.train_step), ("infer", INFER_STAGES, contender.infer)):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
@@ -60,8 +67,22 @@ def profile_stages(contender: Contender, steps: int = 1) -> dict[str, dict[str, 
         if missing:
             raise RuntimeError(f"no record_function scope {', '.join(missing)} in the profile of our {mode} step (renamed in fasterrcnn.model?)")
         out[mode] = {s: totals[s] / 1e6 / steps for s in stages}
+        if cuda:
+            out[mode + "_host"] = out[mode]
+            out[mode] = {s: t / 1e6 / steps for s, t in _device_times(prof, stages).items()}
         out["train_step_s" if mode == "train" else "infer_s"] = elapsed
     return out
+
+
+def _device_times(prof: profile, stages: tuple[str, ...]) -> dict[str, float]:
+    """Microseconds of GPU kernels launched inside each ``record_function`` scope: summed over
+    the host-side events of the scope (the profiler also records each scope as a GPU-side
+    annotation under the same name, which ``key_averages`` would add in a second time)."""
+    totals = dict.fromkeys(stages, 0.0)
+    for event in prof.events():
+        if event.name in totals and event.device_type == DeviceType.CPU:
+            totals[event.name] += getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+    return totals
 
 
 def isolated_layers(model: FasterRCNN, batch: DetectionBatch, repeats: int, autocast: Callable, sync: Callable[[], None]) -> dict[str, float]:
@@ -110,7 +131,9 @@ def time_split(ours: Contender, batch: DetectionBatch, profile_steps: int, repea
 
     ``outside_cpu_s`` is the training step's CPU time minus the trunk's and the RoI head
     layers' (each timed alone) and their share of the optimiser step (by their share of the
-    trained parameters): CPU time, which other processes on the machine do not inflate."""
+    trained parameters): CPU time, which other processes on the machine do not inflate.
+    ``outside_s`` and ``outside_share_wall`` are the same in wall-clock time, the figure that
+    means something on a GPU (where the host's CPU time is mostly launching and waiting)."""
     model: FasterRCNN = ours.model  # type: ignore[assignment]
     stages = profile_stages(ours, profile_steps)
     isolated = isolated_layers(model, batch, repeats, ours.autocast, ours.sync)
@@ -120,6 +143,8 @@ def time_split(ours: Contender, batch: DetectionBatch, profile_steps: int, repea
     param_share = sum(p.numel() for p in trained if id(p) in inside) / max(1, sum(p.numel() for p in trained))
     step_cpu = median(ours.train_cpu)
     outside = step_cpu - isolated["trunk_cpu"] - isolated["roi_head_layers_cpu"] - cpu_split[2] * param_share
+    step_wall = median([sum(t) for t in ours.train_times])
+    outside_wall = step_wall - isolated["trunk"] - isolated["roi_head_layers"] - median([t[2] for t in ours.train_times]) * param_share
     return {
         "train_forward": stages["train"],
         "profiled_train_step_s": stages["train_step_s"],
@@ -133,5 +158,7 @@ def time_split(ours: Contender, batch: DetectionBatch, profile_steps: int, repea
         "trunk_and_head_param_share": param_share,
         "outside_cpu_s": outside,
         "outside_share": outside / step_cpu,
+        "outside_s": outside_wall,
+        "outside_share_wall": outside_wall / step_wall,
     }
 

@@ -133,9 +133,20 @@ class RoIPooler(nn.Module):
         return roi_align(x, proposals, self.size, self.scale, self.sampling_ratio, self.aligned)
 
 
-def torchvision_twin(model: FasterRCNN, channels_last: bool = False) -> TVFasterRCNN:
+def _copy(module: nn.Module, compiled: bool) -> nn.Module:
+    """A deep copy of ``module``; without ``compiled``, its layers run eagerly even where ours
+    are compiled (``model.compile``; a deep copy of a compiled module compiles again)."""
+    twin = copy.deepcopy(module)
+    if not compiled:
+        for m in twin.modules():
+            m._compiled_call_impl = None  # what nn.Module.compile() set; None is its eager default
+    return twin
+
+
+def torchvision_twin(model: FasterRCNN, channels_last: bool = False, compiled: bool = False) -> TVFasterRCNN:
     """torchvision's FasterRCNN with ``model``'s weights, anchors, sampler and thresholds
-    (deep copies: training one does not change the other)."""
+    (deep copies: training one does not change the other). ``channels_last`` and ``compiled``:
+    our memory layout, and our ``torch.compile`` of the trunk and heads where ``model`` has it."""
     pc, atc, ptc = model.proposal_creator, model.anchor_target_creator, model.proposal_target_creator
     if ptc.neg_iou_thresh_lo != 0.0:
         raise ValueError(
@@ -147,14 +158,14 @@ def torchvision_twin(model: FasterRCNN, channels_last: bool = False) -> TVFaster
     predictor.cls_score.load_state_dict(head.cls_score.state_dict())
     predictor.bbox_pred.load_state_dict(head.bbox_pred.state_dict())
     tv = TVFasterRCNN(
-        Trunk(copy.deepcopy(model.trunk), model.rpn.conv.in_channels, channels_last),
+        Trunk(_copy(model.trunk, compiled), model.rpn.conv.in_channels, channels_last),
         num_classes=None,
         min_size=1,
         max_size=1,
         image_mean=[0.0] * 3,
         image_std=[1.0] * 3,
         rpn_anchor_generator=FixedStrideAnchorGenerator(model.anchor_generator.base, model.anchor_generator.stride),
-        rpn_head=SoftmaxRPNHead(model.rpn),
+        rpn_head=SoftmaxRPNHead(_copy(model.rpn, compiled)),
         rpn_pre_nms_top_n_train=pc.n_pre_nms["training"],
         rpn_pre_nms_top_n_test=pc.n_pre_nms["testing"],
         rpn_post_nms_top_n_train=pc.n_post_nms["training"],
@@ -164,7 +175,7 @@ def torchvision_twin(model: FasterRCNN, channels_last: bool = False) -> TVFaster
         rpn_bg_iou_thresh=atc.neg_iou_thresh,
         rpn_batch_size_per_image=atc.n_sample,
         rpn_positive_fraction=atc.pos_ratio,
-        box_head=copy.deepcopy(head.head),
+        box_head=_copy(head.head, compiled),
         box_predictor=predictor,
         box_score_thresh=model.score_thresh,
         box_nms_thresh=model.nms_thresh,

@@ -26,7 +26,9 @@ IoU crop nothing is dropped and every annotation is kept, as in the reference.
 Random draws (``rng``):
 
 * ``rng: item`` (light, strong): every draw of an image comes from the generator that the
-  caller passes, :func:`item_generator` of ``(seed, epoch, index)``: the same image of the same
+  caller passes, :func:`item_generator` of ``(seed, epoch, index)`` (the caller is the training
+  :class:`fasterrcnn.data.dataset.DetectionDataset`, which gets the epoch with each index from
+  :class:`fasterrcnn.resume.ResumableSampler`'s ``(epoch, index)`` pairs): the same image of the same
   epoch is augmented the same way in the main process, in any DataLoader worker and after a
   resume, whatever was drawn before. v2 transforms draw from torch's global generator, so
   :meth:`Augment.__call__` runs them under ``torch.random.fork_rng`` with the global state set to
@@ -216,6 +218,8 @@ class Augment:
         fill = tuple(int(v) for v in fill)
         if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
             raise ValueError(f"augment.fill is an RGB colour of three values in 0..255, not {list(fill)!r}")
+        # The arguments as given (plain values): :meth:`replace` builds a variant from them.
+        self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.rng = rng
         self.min_box_size = float(min_box_size)
         steps: list[v2.Transform] = []
@@ -252,6 +256,21 @@ class Augment:
         self.transforms = v2.Compose(steps or [v2.Identity()])  # all off: the image as it is
         # The dropping rule runs only where a box can be cut (module docstring).
         self.cuts_boxes = scale_jitter is not None or iou_crop > 0
+
+    @property
+    def hflip(self) -> float:
+        """The probability of a horizontal flip (0: none)."""
+        return float(self.params["hflip"])
+
+    @property
+    def draws_per_item(self) -> bool:
+        """True under ``rng: item``: the caller passes :func:`item_generator` of
+        ``(seed, epoch, index)``, so it must know the epoch of each image it loads."""
+        return self.rng == "item"
+
+    def replace(self, **changes: Any) -> Augment:
+        """The same augmentation with some arguments changed (``replace(hflip=0.0)``)."""
+        return Augment(**{**self.params, **changes})
 
     def __repr__(self) -> str:
         return f"Augment(rng={self.rng!r}, min_box_size={self.min_box_size}, cuts_boxes={self.cuts_boxes},\n  {self.transforms})"

@@ -1,4 +1,6 @@
 """Checking a VOC-layout dataset before training: every problem of every file, none raised.
+(COCO files are checked by :mod:`fasterrcnn.data.coco`; :func:`split_reports` covers both, through
+:func:`fasterrcnn.data.sources.check_set`.)
 
 Used by ``scripts/check_dataset.py`` (:func:`report_dataset`: a report of the whole dataset,
 every split of a DataModule) and by the DataModule's ``setup`` (``data.on_bad_sample``: drop the
@@ -158,9 +160,9 @@ class SplitReport:
 
 
 def split_reports(datamodule: VOCDataModule, decode: bool = False) -> list[SplitReport]:
-    """One report per distinct (root, split) of the DataModule's train, val and test sets: a split
-    used by several stages is checked once. The data must be there (``prepare_data`` generates
-    the built-in data)."""
+    """One report per distinct (root, split), or COCO file, of the DataModule's train, val and
+    test sets: a set used by several stages is checked once. The data must be there
+    (``prepare_data`` generates the built-in data)."""
     reports: dict[tuple[str, str], SplitReport] = {}
     for stage in STAGES:
         try:
@@ -169,11 +171,13 @@ def split_reports(datamodule: VOCDataModule, decode: bool = False) -> list[Split
             splits = []
             key = f"data.{stage}_sets"
             reports.setdefault((key, ""), SplitReport(key, "", 0, [Problem(key, "bad_split", str(err))])).stages.append(stage)
-        for root, split in splits:
-            if (root, split) not in reports:
-                problems = check_split(root, split, datamodule.classes, decode=decode, max_objects=datamodule.max_objects)
-                reports[(root, split)] = SplitReport(root, split, len(split_ids(root, split)[0]), problems)
-            reports[(root, split)].stages.append(stage)
+        from fasterrcnn.data.sources import check_set, set_key  # VOC splits and COCO files alike (sources imports this module)
+
+        for spec, (root, _split) in zip(datamodule.sets[stage], splits):
+            key = set_key(spec, root)
+            if key not in reports:
+                reports[key] = check_set(spec, root, datamodule.classes, decode=decode, max_objects=datamodule.max_objects)
+            reports[key].stages.append(stage)
     return list(reports.values())
 
 

@@ -1,4 +1,4 @@
-"""The LightningDataModule: VOC-layout splits -> resized, flipped, normalised batches (size 1).
+"""The LightningDataModule: VOC-layout splits -> augmented (training), resized, normalised batches (size 1).
 
 The batch type is :mod:`fasterrcnn.data.batch`, the dataset with its skip policy
 :mod:`fasterrcnn.data.dataset`; the resumable training loader :mod:`fasterrcnn.resume`."""
@@ -9,21 +9,49 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from fasterrcnn.data.augment import Augment, eval_min_size
 from fasterrcnn.data.batch import DetectionBatch, collate
-from fasterrcnn.data.check import bad_samples, check_samples, describe
+from fasterrcnn.data.check import bad_samples, describe
 from fasterrcnn.data.dataset import ON_BAD_SAMPLE, DetectionDataset
 from fasterrcnn.data.download import download_voc
 from fasterrcnn.data.shapes import ensure_dataset
-from fasterrcnn.data.voc import MAX_OBJECTS, DatasetError, VOCDetection, read_split, split_path
+from fasterrcnn.data.sources import dataset_problems, default_classes, is_coco, make_split_dataset, normalize_spec, source_file, with_ids
+from fasterrcnn.data.voc import MAX_OBJECTS, DatasetError, VOCDetection, split_path
 from fasterrcnn.resume import ResumableLoader
 
 log = logging.getLogger(__name__)
+
+# The stage (and eval.py split) of data.shift_sets: the built-in data's shifted split.
+SHIFT = "test_shift"
+
+
+def pinned(batch: DetectionBatch) -> DetectionBatch:
+    """``batch`` with its tensors in page-locked (pinned) memory, for a GPU: a copy from pageable
+    memory waits for everything queued on the GPU (CUDA synchronises the stream first), a
+    ``non_blocking`` copy from pinned memory is queued behind it and the host goes on. Done at
+    the transfer, in the main process: the DataLoader's own ``pin_memory`` passes a
+    :class:`DetectionBatch` through untouched (it pins tensors, mappings, sequences, and
+    objects with a ``pin_memory`` method)."""
+    if batch.images.is_pinned():
+        return batch
+    import dataclasses
+
+    pin = lambda tensors: [t.pin_memory() for t in tensors]  # noqa: E731
+    return dataclasses.replace(
+        batch,
+        images=batch.images.pin_memory(),
+        boxes=pin(batch.boxes),
+        labels=pin(batch.labels),
+        difficult=pin(batch.difficult),
+        original_boxes=pin(batch.original_boxes),
+    )
 
 
 def in_holdout(image_id: str, fraction: float) -> bool:
@@ -47,10 +75,27 @@ class VOCDataModule(L.LightningDataModule):
         classes: the class names (label i + 1 is ``classes[i]``).
         root: the default VOC-layout folder of every set.
         train_sets, val_sets, test_sets: lists of ``{split: ..., root: ...}``; several sets are
-            concatenated (07+12); ``root`` defaults to ``root`` above.
-        min_size, max_size: the rescaling rule (600 / 1000 in the paper).
+            concatenated (07+12); ``root`` defaults to ``root`` above. A COCO file is
+            ``{format: coco, images: ..., annotations: ...}`` (:mod:`fasterrcnn.data.sources`).
+            ``classes`` None: the first COCO file's categories.
+        min_size, max_size: the rescaling rule (600 / 1000 in the paper). ``min_size`` may be a
+            list: multi-scale training, one size drawn per training image
+            (:func:`fasterrcnn.data.augment.draw_min_size`, detectron2's ResizeShortestEdge).
+        test_min_size: the one size of validation and testing (and of the checkpoint's
+            preprocessing); None: the largest of ``min_size``
+            (:func:`fasterrcnn.data.augment.eval_min_size`).
         mean, std: the normalisation the backbone expects (the config takes the backbone's).
-        flip_prob: horizontal flip probability in training (0.5).
+        augment: the training augmentation (:class:`fasterrcnn.data.augment.Augment`, the
+            config's ``augment`` group, built by :func:`fasterrcnn.build.build_datamodule`);
+            None: none. Validation and test images are never augmented.
+        seed: the run's seed: the ``(seed, epoch, index)`` streams of ``rng: item``
+            augmentation and the training order.
+        flip_prob: deprecated, the flip is ``augment.hflip``: a value (not None) warns and is
+            taken as ``augment.hflip``.
+        shift_sets: the sets of the shifted split (``test_shift`` of the built-in data), read
+            by ``split=test_shift`` of ``src/eval.py``; empty: none.
+        val_shift: also validate on ``shift_sets`` (a second validation loader, logged as
+            ``val_shift/...``; selection stays on ``val/map``).
         batch_size, num_workers: the DataLoader's.
         builtin: parameters of the built-in dataset (``num_train``, ``num_val``, ``num_test``,
             ``seed``); when set, ``root`` is the generated folder under ``data_dir``.
@@ -80,16 +125,21 @@ class VOCDataModule(L.LightningDataModule):
     def __init__(
         self,
         name: str,
-        classes: Sequence[str],
+        classes: Sequence[str] | None,
         root: str | None = None,
         train_sets: Sequence[Mapping] = ({"split": "trainval"},),
         val_sets: Sequence[Mapping] = ({"split": "test"},),
         test_sets: Sequence[Mapping] | None = None,
-        min_size: int = 600,
+        min_size: int | Sequence[int] = 600,
         max_size: int = 1000,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        flip_prob: float = 0.5,
+        flip_prob: float | None = None,
+        test_min_size: int | None = None,
+        augment: Augment | None = None,
+        seed: int = 0,
+        shift_sets: Sequence[Mapping] = (),
+        val_shift: bool = False,
         batch_size: int = 1,
         num_workers: int = 2,
         builtin: Mapping | None = None,
@@ -109,12 +159,26 @@ class VOCDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_holdout is a fraction of the training images in [0, 1), not {val_holdout!r}")
         self.val_holdout = float(val_holdout)
         self.name = name
-        self.classes = tuple(classes)
         self.root = root
-        self.sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets or val_sets)}
+        self.sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets or val_sets), SHIFT: list(shift_sets or ())}
+        self.sets = {stage: [normalize_spec(spec) for spec in specs] for stage, specs in self.sets.items()}  # VOC splits, COCO files
+        self.classes = tuple(classes) if classes is not None else default_classes(self.sets, root)
+        if val_shift and not self.sets[SHIFT]:
+            raise ValueError("data.val_shift=true needs data.shift_sets (the built-in data's test_shift: data.builtin.num_test_shift > 0)")
+        self.val_shift = bool(val_shift)
         self.min_size, self.max_size = min_size, max_size
+        self.test_min_size = eval_min_size(min_size, test_min_size)  # validates both
         self.mean, self.std = tuple(mean), tuple(std)
-        self.flip_prob = flip_prob
+        if flip_prob is not None:
+            warnings.warn(
+                f"data.flip_prob is deprecated: the training flip is augment.hflip (augment=paper: 0.5); "
+                f"data.flip_prob={flip_prob} is taken as augment.hflip={flip_prob}",
+                FutureWarning,
+                stacklevel=2,
+            )
+            augment = Augment(hflip=flip_prob) if augment is None else augment.replace(hflip=flip_prob)
+        self.augment = augment
+        self.seed = int(seed)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.builtin = dict(builtin) if builtin else None
@@ -123,13 +187,15 @@ class VOCDataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.datasets: dict[str, Dataset] = {}
         # the bad samples dropped (setup) or replaced (while reading), per stage
-        self.skipped: dict[str, int] = {"train": 0, "val": 0, "test": 0}
-        self.skipped_by_kind: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
+        # (the shifted split only where there is one, so metrics.json lists the stages the data has)
+        stages = ("train", "val", "test", SHIFT) if self.sets[SHIFT] else ("train", "val", "test")
+        self.skipped: dict[str, int] = {stage: 0 for stage in stages}
+        self.skipped_by_kind: dict[str, dict[str, int]] = {stage: {} for stage in stages}
         # Set by training (fasterrcnn.resume.ExactResume, the run's seed): the training loader
         # then resumes mid-epoch exactly (fasterrcnn.resume.ResumableLoader).
         self.resume_position = None
-        self.resume_seed = 0
-        self.problems: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+        self.resume_seed = self.seed
+        self.problems: dict[str, list[str]] = {stage: [] for stage in stages}
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +207,7 @@ class VOCDataModule(L.LightningDataModule):
             ensure_dataset(self.data_dir, **self.builtin)
         elif self.download:
             for stage_sets in self.sets.values():
-                for spec in stage_sets:
+                for spec in (s for s in stage_sets if not is_coco(s)):  # only VOC is downloaded
                     root = spec.get("root", self.root)
                     year = _year_of(root)
                     if year and not os.path.isfile(split_path(root, spec["split"])):
@@ -154,6 +220,9 @@ class VOCDataModule(L.LightningDataModule):
         out = []
         for spec in self.sets[stage]:
             root = spec.get("root") or root_default
+            if is_coco(spec):  # (root, the set's name); its reader says when the file is missing
+                out.append((root, spec["split"]))
+                continue
             if root is None:
                 raise DatasetError(f"data.{stage}_sets: no root given for split '{spec['split']}' (set data.root)")
             path = split_path(root, spec["split"])
@@ -186,34 +255,38 @@ class VOCDataModule(L.LightningDataModule):
         return resolved["val"] == resolved["test"]
 
     def _sets(self, stage: str) -> list[VOCDetection]:
-        """The VOC sets of ``stage``; under ``val_holdout`` "val" is the held-out part of the
-        training sets and "train" the rest."""
+        """The sets of ``stage`` (VOC splits, COCO files: :func:`make_split_dataset`); under
+        ``val_holdout`` "val" is the held-out part of the training sets and "train" the rest."""
         if not self.val_holdout or stage not in ("train", "val"):
-            return [VOCDetection(root, split, self.classes, max_objects=self.max_objects) for root, split in self.splits(stage)]
+            return [make_split_dataset(spec, root, self.classes, self.max_objects) for spec, (root, _) in zip(self.sets[stage], self.splits(stage))]
         out = []
-        for root, split in self.splits("train"):
-            ids = [i for i in read_split(root, split) if in_holdout(i, self.val_holdout) == (stage == "val")]
+        for spec, (root, _) in zip(self.sets["train"], self.splits("train")):
+            reader = make_split_dataset(spec, root, self.classes, self.max_objects)
+            ids = [i for i in reader.ids if in_holdout(i, self.val_holdout) == (stage == "val")]
             if not ids:
-                raise DatasetError(f"data.val_holdout={self.val_holdout}: no {stage} image left of the {split_path(root, split)} split; change the fraction")
-            out.append(VOCDetection(root, split, self.classes, ids=ids, max_objects=self.max_objects))
+                raise DatasetError(f"data.val_holdout={self.val_holdout}: no {stage} image left of the {source_file(reader)} split; change the fraction")
+            out.append(with_ids(reader, ids))
         return out
 
     def _dataset(self, stage: str) -> Dataset:
         parts = [self._checked(stage, voc) for voc in self._sets(stage)]
         voc = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-        flip = self.flip_prob if stage == "train" else 0.0
+        train = stage == "train"
         # Only training replaces a sample that fails to decode: in evaluation the replacement
         # would count one image twice in the mAP, so "skip" decodes val/test fully in setup.
-        policy = self.on_bad_sample if stage == "train" else "error"
-        return DetectionDataset(voc, self.min_size, self.max_size, self.mean, self.std, flip_prob=flip, on_bad_sample=policy, stage=stage)
+        policy = self.on_bad_sample if train else "error"
+        # Training: augmented, at the (multi-scale) training sizes; the rest at the test size.
+        min_size = self.min_size if train else self.test_min_size
+        augment = self.augment if train else None
+        return DetectionDataset(voc, min_size, self.max_size, self.mean, self.std, augment=augment, seed=self.seed, on_bad_sample=policy, stage=stage)
 
     def _checked(self, stage: str, voc: VOCDetection) -> VOCDetection:
         """``voc`` after checking every sample up front: under "skip" without its bad samples
         (one warning), under "error" a DatasetError naming them. Under "skip" the val/test
         images are decoded in full (about 5 ms each), so the evaluated set is fixed here."""
-        split = split_path(voc.root, voc.split)
+        split = source_file(voc)
         decode = self.on_bad_sample == "skip" and stage != "train"
-        problems = check_samples(voc.root, voc.ids, voc.class_to_index, decode=decode, max_objects=voc.max_objects)
+        problems = dataset_problems(voc, decode=decode)
         clipped = [p for p in problems if p.kind == "box_clipped"]
         if clipped:
             log.warning("%s: %d boxes reach outside their image and are clipped to it:\n%s", split, len(clipped), describe(clipped, 3))
@@ -234,7 +307,7 @@ class VOCDataModule(L.LightningDataModule):
         ids = [i for i in voc.ids if i not in bad]
         if not ids:
             raise DatasetError(f"{split}: every {stage} sample is bad, nothing left to use:\n{listing}")
-        return VOCDetection(voc.root, voc.split, voc.classes, ids=ids, max_objects=voc.max_objects)
+        return with_ids(voc, ids)
 
     def _count_skip(self, stage: str, kind: str, message: str) -> None:
         self.skipped[stage] = self.skipped.get(stage, 0) + 1
@@ -243,7 +316,8 @@ class VOCDataModule(L.LightningDataModule):
         self.problems.setdefault(stage, []).append(message)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        val = ("val", SHIFT) if self.val_shift else ("val",)
+        wanted = {"fit": ("train", *val), "validate": val, "test": ("test",), "predict": ("test",)}
         for name in wanted.get(stage or "fit", ("train", "val", "test")):
             if name not in self.datasets:
                 self.datasets[name] = self._dataset(name)
@@ -268,17 +342,34 @@ class VOCDataModule(L.LightningDataModule):
             # process because DataLoader workers' own counts never come back
             for stage, kind, message in batch.skipped:
                 self._count_skip(stage, kind, message)
+            if device.type == "cuda":
+                batch = pinned(batch)
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True)
-        if self.resume_position is None:
+        # rng: item augmentation needs each image's epoch: the resumable loader's sampler passes
+        # (epoch, index) pairs, with or without a position to resume from.
+        if self.resume_position is None and not self.datasets["train"].draws_per_item:
             return loader
         return ResumableLoader.wrap(loader, self.resume_position, self.resume_seed)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader; under ``val_shift`` a list: it, then the shifted split's
+        (Lightning's dataloader_idx 0 and 1)."""
+        if self.val_shift:
+            return [self._loader("val", shuffle=False), self._loader(SHIFT, shuffle=False)]
         return self._loader("val", shuffle=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """The one loader of ``split``: "val", "test" or "test_shift" (``data.shift_sets``), in
+        order, at the test size, not augmented (``src/eval.py``)."""
+        if split not in ("val", "test", SHIFT):
+            raise ValueError(f"split must be one of val, test, {SHIFT}, not {split!r}")
+        if not self.sets[split]:
+            raise DatasetError(f"data={self.name} has no {split} split (data.shift_sets is empty; the built-in data has one with data.builtin.num_test_shift > 0)")
+        return self._loader(split, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

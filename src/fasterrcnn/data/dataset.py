@@ -1,14 +1,16 @@
-"""The training/evaluation dataset: a VOC-layout reader's samples resized, flipped and
-normalised, with the skip policy for a sample that cannot be read (``data.on_bad_sample``)."""
+"""The training/evaluation dataset: a VOC-layout reader's samples augmented (training only),
+resized and normalised, with the skip policy for a sample that cannot be read
+(``data.on_bad_sample``)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
-import torch
 from torch.utils.data import Dataset
 
+from fasterrcnn.data.augment import Augment, draw_min_size, eval_min_size, item_generator
 from fasterrcnn.data.transforms import Preprocess, prepare
 from fasterrcnn.data.voc import DatasetError
 
@@ -21,9 +23,25 @@ MAX_CONSECUTIVE_BAD = 16
 
 
 class DetectionDataset(Dataset):
-    """Wraps a :class:`VOCDetection`: :func:`fasterrcnn.data.transforms.prepare` (resize: shorter
-    side ``min_size``, longer at most ``max_size``; flip with probability ``flip_prob``;
-    normalise with the backbone's mean/std).
+    """Wraps a :class:`VOCDetection`: each sample is read, augmented by ``augment`` (None: not
+    at all; :class:`fasterrcnn.data.augment.Augment`) on the decoded image, then
+    :func:`fasterrcnn.data.transforms.prepare` (resize: shorter side ``min_size``, longer at most
+    ``max_size``; normalise with the backbone's mean/std).
+
+    ``min_size`` may be a list (multi-scale training): each image draws one of them
+    (:func:`fasterrcnn.data.augment.draw_min_size`) after the augmentation, from the same
+    generator. :attr:`preprocess` holds one size, the largest (what the tools show).
+
+    Keys: an index, or an ``(epoch, index)`` pair (what :class:`fasterrcnn.resume.ResumableSampler`
+    yields for training). Under ``rng: item`` every draw of image ``index`` in ``epoch`` comes
+    from :func:`~fasterrcnn.data.augment.item_generator` ``(seed, epoch, index)``, so the main
+    process, every DataLoader worker (persistent or not) and a resumed run draw the same; a plain
+    index reads as epoch :attr:`epoch` (0 unless set). Under ``rng: global`` (``augment=paper``)
+    the draws come from torch's global generator (one ``torch.rand`` per image for the flip), as
+    the training flip always has.
+
+    ``original_size`` / ``original_boxes`` of an item are those of the augmented image, before
+    the resize (the same as the file's without augmentation, or with flips only).
 
     A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
     raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
@@ -32,21 +50,36 @@ class DetectionDataset(Dataset):
     def __init__(
         self,
         voc: Dataset,
-        min_size: int,
+        min_size: int | Sequence[int],
         max_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        flip_prob: float = 0.0,
+        augment: Augment | None = None,
+        seed: int = 0,
         on_bad_sample: str = "error",
         stage: str = "",
     ) -> None:
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, not {on_bad_sample!r}")
         self.voc = voc
-        self.preprocess = Preprocess.from_dict({"min_size": min_size, "max_size": max_size, "mean": mean, "std": std})
-        self.flip_prob = flip_prob
+        self.min_size = min_size if isinstance(min_size, int) else [int(s) for s in min_size]
+        self.preprocess = Preprocess.from_dict({"min_size": eval_min_size(self.min_size), "max_size": max_size, "mean": mean, "std": std})
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
         self.on_bad_sample = on_bad_sample
         self.stage = stage
+
+    @property
+    def flip_prob(self) -> float:
+        """The probability of a horizontal flip (``augment.hflip``; 0 without augmentation)."""
+        return self.augment.hflip if self.augment is not None else 0.0
+
+    @property
+    def draws_per_item(self) -> bool:
+        """True when each item's draws come from ``(seed, epoch, index)`` (``rng: item``), so
+        the loader must pass the epoch with the index."""
+        return self.augment is not None and self.augment.draws_per_item
 
     def __len__(self) -> int:
         return len(self.voc)  # type: ignore[arg-type]
@@ -65,18 +98,24 @@ class DetectionDataset(Dataset):
                 skipped.append((self.stage, getattr(err, "kind", None) or "other", str(err)))
         raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][2]}")
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         item, skipped = self._read(index)
-        image, boxes = item["image"], item["boxes"]
-        original_size = tuple(image.shape[-2:])
-        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
-        image, boxes = prepare(image, boxes, self.preprocess, flip=flip)
+        image, boxes, labels, difficult = item["image"], item["boxes"], item["labels"], item["difficult"]
+        # rng: item: one stream per (seed, epoch, index), whatever process reads it; otherwise
+        # (None) torch's global generator, as the reference's flip.
+        generator = item_generator(self.seed, epoch, index) if self.draws_per_item else None
+        if self.augment is not None:
+            image, boxes, labels, difficult = self.augment(image, boxes, labels, difficult, generator)
+        original_size, original_boxes = tuple(image.shape[-2:]), boxes
+        spec = self.preprocess if isinstance(self.min_size, int) else replace(self.preprocess, min_size=draw_min_size(self.min_size, generator))
+        image, boxes = prepare(image, boxes, spec)
         return {
             "image": image,
             "boxes": boxes,
-            "labels": item["labels"],
-            "difficult": item["difficult"],
-            "original_boxes": item["boxes"],
+            "labels": labels,
+            "difficult": difficult,
+            "original_boxes": original_boxes,
             "original_size": original_size,
             "image_id": item["image_id"],
             "skipped": skipped,

@@ -32,6 +32,12 @@ detector generalises beyond its training distribution:
 Its images come after the test images (the same folder, ids numbered on) and from their own
 random streams, so adding it leaves every train, val and test file byte-identical; only the
 folder's name changes, since ``num_test_shift`` is then a generator parameter.
+
+The same folder holds the data in COCO layout too (``data=shapes_coco``):
+``annotations/instances_<split>.json`` for train, val, test (and test_shift), over the same
+``JPEGImages/``, written from the VOC annotations when the folder is generated, or on first use
+of a folder generated before (:func:`write_coco_annotations`). The VOC files are untouched and
+the folder's name is the same.
 """
 
 from __future__ import annotations
@@ -296,6 +302,59 @@ def _write_image(root: str, params: dict, index: int) -> None:
         f.write(annotation_xml(image_id, image.shape[0], image.shape[1], objects))
 
 
+# ---------------------------------------------------------------------- the COCO copy
+def coco_path(root: str, split: str) -> str:
+    """``annotations/instances_<split>.json``: the COCO file of one split (images: ``JPEGImages/``)."""
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def _coco_splits(root: str) -> list[str]:
+    return [s for s in (*SPLITS, SHIFT_SPLIT) if os.path.isfile(os.path.join(root, "ImageSets", "Main", f"{s}.txt"))]
+
+
+def coco_annotations(root: str, split: str, classes: Sequence[str]) -> dict:
+    """The COCO file of one split of the generated folder ``root``, from its VOC annotations
+    (the generator's boxes): image id = the VOC id as a number (``000123.jpg`` is image 123),
+    ``file_name`` relative to ``JPEGImages/``, one annotation per object with ids from 1 (COCOeval
+    takes id 0 for "unmatched"), ``bbox`` = :func:`fasterrcnn.boxes.boxes_to_coco` of
+    :func:`~fasterrcnn.boxes.voc_to_boxes` (``x = xmin - 1``, ``w = xmax - xmin + 1``), ``area``
+    its ``w * h``, ``iscrowd`` the object's difficult flag; categories 1..K in class order."""
+    from fasterrcnn.boxes import boxes_to_coco, voc_to_boxes
+    from fasterrcnn.data.voc import annotation_path, first_error, read_annotation, read_split
+
+    class_to_index = {name: i + 1 for i, name in enumerate(classes)}
+    images, annotations = [], []
+    for image_id in read_split(root, split):
+        target, problems = read_annotation(annotation_path(root, image_id), class_to_index, image_id)
+        error = first_error(problems)
+        if target is None or error is not None or target["size"] is None:
+            raise RuntimeError(f"the generated annotation {annotation_path(root, image_id)} is broken: {error}")
+        (height, width), number = target["size"], int(image_id)
+        images.append({"id": number, "file_name": f"{image_id}.jpg", "width": width, "height": height})
+        bboxes = boxes_to_coco(voc_to_boxes(target["boxes"].double())).tolist()
+        for bbox, label, crowd in zip(bboxes, target["labels"].tolist(), target["difficult"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": number, "category_id": label, "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": int(crowd)})
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
+    info = {"description": f"the built-in shapes data, {split} split, COCO layout (fasterrcnn.data.shapes)", "version": str(GENERATOR_VERSION)}
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def write_coco_annotations(root: str, classes: Sequence[str]) -> list[str]:
+    """Write ``annotations/instances_<split>.json`` (:func:`coco_annotations`) for each of the
+    train, val, test and test_shift splits of ``root``, each file atomically; the VOC files are
+    not touched. Returns the paths."""
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    paths = []
+    for split in _coco_splits(root):
+        path = coco_path(root, split)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(coco_annotations(root, split, classes), f)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
 def generate(root: str, params: dict, progress: bool = True, workers: int | None = None) -> None:
     """Write the dataset described by ``params`` into ``root`` (VOC layout). Image ``i`` uses
     the random stream ``[seed, i]``, so every image is reproducible on its own and the result
@@ -330,6 +389,7 @@ def generate(root: str, params: dict, progress: bool = True, workers: int | None
     for split, split_ids in ids.items():
         with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:
             f.write("".join(f"{i}\n" for i in split_ids))
+    write_coco_annotations(root, params["classes"])  # the same data in COCO layout, beside the VOC files
     with open(os.path.join(root, "generator.json"), "w", encoding="utf-8") as f:
         json.dump(params, f, indent=2)
 
@@ -346,6 +406,8 @@ def ensure_dataset(
     params = dataset_params(num_train, num_val, num_test, seed, num_test_shift)
     root = os.path.join(data_dir, f"shapes-{params_hash(params)}")
     if os.path.isfile(os.path.join(root, "generator.json")):
+        if not all(os.path.isfile(coco_path(root, s)) for s in _coco_splits(root)):  # generated before the COCO copy
+            write_coco_annotations(root, params["classes"])
         return root
     os.makedirs(data_dir, exist_ok=True)
     tmp = f"{root}.tmp-{os.getpid()}"
