@@ -263,6 +263,15 @@ class Augment:
         return float(self.params["hflip"])
 
     @property
+    def is_reference_flip(self) -> bool:
+        """True for the paper's augmentation alone (a horizontal flip from torch's global
+        generator, nothing else): the dataset then flips after resizing, as the reference does,
+        so the flipped boxes are its numbers to the last bit (flipping first rounds differently)."""
+        off = {"vflip": 0.0, "rot90": False, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
+               "blur": 0.0, "noise": 0.0, "scale_jitter": None, "zoom_out": 0.0, "iou_crop": 0.0}  # fmt: skip
+        return self.rng == "global" and all(self.params[k] == v for k, v in off.items())
+
+    @property
     def draws_per_item(self) -> bool:
         """True under ``rng: item``: the caller passes :func:`item_generator` of
         ``(seed, epoch, index)``, so it must know the epoch of each image it loads."""

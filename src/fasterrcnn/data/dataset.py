@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 from torch.utils.data import Dataset
 
 from fasterrcnn.data.augment import Augment, draw_min_size, eval_min_size, item_generator
@@ -105,11 +106,15 @@ class DetectionDataset(Dataset):
         # rng: item: one stream per (seed, epoch, index), whatever process reads it; otherwise
         # (None) torch's global generator, as the reference's flip.
         generator = item_generator(self.seed, epoch, index) if self.draws_per_item else None
-        if self.augment is not None:
+        flip = False
+        if self.augment is not None and self.augment.is_reference_flip:
+            # augment=paper: the reference's resize-then-flip, the same one draw as torch.rand(1)
+            flip = self.augment.hflip > 0 and bool(torch.rand(()) < self.augment.hflip)
+        elif self.augment is not None:
             image, boxes, labels, difficult = self.augment(image, boxes, labels, difficult, generator)
         original_size, original_boxes = tuple(image.shape[-2:]), boxes
         spec = self.preprocess if isinstance(self.min_size, int) else replace(self.preprocess, min_size=draw_min_size(self.min_size, generator))
-        image, boxes = prepare(image, boxes, spec)
+        image, boxes = prepare(image, boxes, spec, flip=flip)
         return {
             "image": image,
             "boxes": boxes,
