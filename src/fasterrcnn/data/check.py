@@ -77,6 +77,19 @@ def outside_link(root: str, path: str, image_id: str | None = None) -> Problem |
     return Problem(path, "outside_link", f"is a link to {real}, outside the dataset folder {real_root} (followed: it is read)", image_id)
 
 
+def read_image_size(img: str, image_id: str, decode: bool = False) -> tuple[tuple[int, int] | None, Problem | None]:
+    """``(height, width)`` of the image file ``img`` as displayed (its header only, or fully
+    decoded when ``decode``), or the ``missing_image`` / ``unreadable_image`` problem that stops
+    it; the one image check of every dataset format."""
+    why = not_a_file(img, "image")
+    if why is not None:
+        return None, Problem(img, "missing_image", why, image_id)
+    try:
+        return (tuple(load_image(img).shape[-2:]) if decode else image_size(img)), None  # type: ignore[return-value]
+    except DatasetError as err:
+        return None, Problem(img, "unreadable_image", str(err).removeprefix(printable(f"{img}: ")), image_id)
+
+
 def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decode: bool = False, max_objects: int | None = None) -> list[Problem]:
     """Every problem of one sample: its annotation (:func:`read_annotation`, at most
     ``max_objects`` objects), its image (there, a file, readable; fully decoded when ``decode``),
@@ -86,13 +99,9 @@ def check_sample(root: str, image_id: str, class_to_index: dict[str, int], decod
     target, problems = read_annotation(xml, class_to_index, image_id, max_objects)
     img = image_path(root, image_id)
     problems += [p for p in (outside_link(root, xml, image_id), outside_link(root, img, image_id)) if p is not None]
-    why = not_a_file(img, "image")
-    if why is not None:
-        return problems + [Problem(img, "missing_image", why, image_id)]
-    try:
-        size = tuple(load_image(img).shape[-2:]) if decode else image_size(img)
-    except DatasetError as err:
-        return problems + [Problem(img, "unreadable_image", str(err).removeprefix(printable(f"{img}: ")), image_id)]
+    size, image_problem = read_image_size(img, image_id, decode)
+    if image_problem is not None:
+        return problems + [image_problem]
     if target is None:
         return problems
     if target["size"] is None:  # no <size>: the boxes can only be checked against the image

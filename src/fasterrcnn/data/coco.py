@@ -53,17 +53,15 @@ import torch
 from torch.utils.data import Dataset
 
 from fasterrcnn.boxes import boxes_to_coco, coco_to_boxes
-from fasterrcnn.data.check import outside_link
+from fasterrcnn.data.check import outside_link, read_image_size
 from fasterrcnn.data.voc import (
     MAX_OBJECTS,
     DatasetError,
     Problem,
     clip_boxes,
     first_error,
-    image_size,
     load_image,
     not_a_file,
-    printable,
 )
 
 # COCO's instances_train2017.json is 448 MiB; a file larger than this is not read at all.
@@ -381,13 +379,9 @@ class COCODetection(Dataset):
         link = outside_link(self.images, img, image_id)
         if link is not None:
             problems.append(link)
-        why = not_a_file(img, "image")
-        if why is not None:
-            return problems + [Problem(img, "missing_image", why, image_id)]
-        try:
-            size = tuple(load_image(img).shape[-2:]) if decode else image_size(img)
-        except DatasetError as err:
-            return problems + [Problem(img, "unreadable_image", str(err).removeprefix(printable(f"{img}: ")), image_id)]
+        size, image_problem = read_image_size(img, image_id, decode)
+        if image_problem is not None:
+            return problems + [image_problem]
         if target is None:
             return problems
         if target["size"] is None:  # no width/height: the boxes can only be checked against the image
