@@ -30,6 +30,8 @@ Keys (stable; documented in the README):
   bound but stayed finite (by default above 10 x its early median, or above 1e4:
   :class:`fasterrcnn.callbacks.DivergenceWarning`), with its ``loss``; [] when none;
 * ``resumed_from``: the checkpoint a resumed run started from, else null;
+* ``anchor_fit``: under ``anchor=auto`` the fitted anchors and their coverage before and after
+  (:mod:`fasterrcnn.analysis.anchor_fit`), else absent;
 * ``init_from``: a fine-tuning run's start (:mod:`fasterrcnn.finetune`), else null:
   ``{"path", "loaded": <tensors copied whole>, "class_specific": [<tensors mapped by row>],
   "mapped": {class: [checkpoint label, this run's label]}, "reinitialised": [classes],
