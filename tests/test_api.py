@@ -53,13 +53,13 @@ def same(a: Detections, b: Detections) -> bool:
 
 def test_a_checkpoint_alone_gives_a_detector_with_its_classes_and_preprocessing(run, det):
     assert det.classes == run["classes"]
-    assert (det.preprocess.min_size, det.preprocess.max_size) == (256, 400)  # the shapes data's, carried by the checkpoint
+    assert (det.preprocess.min_size, det.preprocess.max_size) == (320, 400)  # the shapes data's test size, carried by the checkpoint
     assert det.device == torch.device("cpu") and not det.model.training
     assert (det.score_thresh, det.nms_thresh) == (0.05, 0.3)  # given, and the checkpoint's
     smaller = Detector.from_checkpoint(run["ckpt"], device="cpu", min_size=128, max_size=200)
     assert (smaller.preprocess.min_size, smaller.preprocess.max_size) == (128, 200)
     assert smaller.preprocess.mean == det.preprocess.mean
-    assert "6 classes" in repr(det) and "min_size=256" in repr(det)
+    assert "6 classes" in repr(det) and "min_size=320" in repr(det)
 
 
 def test_every_kind_of_input_gives_the_same_detections_as_predict_py(run, det, tmp_path):
@@ -81,7 +81,7 @@ def test_every_kind_of_input_gives_the_same_detections_as_predict_py(run, det, t
     result = predict(cfg)
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert written["images"][0]["detections"] == result["images"][0]["detections"] == by_path.to_json()
-    assert written["classes"] == det.classes and (written["min_size"], written["max_size"]) == (256, 400)
+    assert written["classes"] == det.classes and (written["min_size"], written["max_size"]) == (320, 400)
     assert written["nms_thresh"] == det.nms_thresh and written["score_thresh"] == det.score_thresh
 
 

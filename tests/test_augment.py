@@ -72,6 +72,8 @@ TRANSFORMS = {
     "colour": lambda: no_hflip(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.02),
     "blur": lambda: no_hflip(blur=1.0, blur_sigma=(0.5, 1.5)),
     "noise": lambda: no_hflip(noise=1.0, noise_sigma=0.03),
+    "noise_range": lambda: no_hflip(noise=1.0, noise_sigma=(0.01, 0.1)),
+    "stretch": lambda: no_hflip(stretch=(0.5, 2.0)),
     "scale_jitter": lambda: no_hflip(scale_jitter=(0.75, 1.25), translate=0.1),
     "zoom_out": lambda: no_hflip(zoom_out=1.0, zoom_out_max=2.0),
     "iou_crop": lambda: no_hflip(iou_crop=1.0),
@@ -96,7 +98,7 @@ def test_each_transform_keeps_boxes_on_the_object(name):
                 assert float(box_iou(box[None].round(), found)) >= 0.95, f"{name} draw {index}: {box.tolist()} vs {found.tolist()}"
                 checked += 1
     assert checked >= 8
-    if name in ("hflip", "vflip", "rot90", "colour", "blur", "noise", "zoom_out"):  # none of these cut a box
+    if name in ("hflip", "vflip", "rot90", "colour", "blur", "noise", "noise_range", "stretch", "zoom_out"):  # none of these cut a box
         assert not augment.cuts_boxes
 
 
@@ -113,6 +115,29 @@ def test_rot90_draws_every_quarter_turn():
     image, boxes, labels, difficult = scene()
     shapes = {tuple(augment(image, boxes, labels, difficult, item_generator(0, 0, i))[0].shape) for i in range(24)}
     assert shapes == {(3, 200, 260), (3, 260, 200)}
+
+
+def test_stretch_changes_the_aspect_ratio_within_its_range_and_keeps_the_area():
+    augment = no_hflip(stretch=(0.5, 2.0))
+    image, boxes, labels, difficult = scene()
+    factors = []
+    for i in range(40):
+        out, out_boxes = augment(image, boxes, labels, difficult, item_generator(0, 0, i))[:2]
+        height, width = out.shape[-2:]
+        assert abs(height * width / (200 * 260) - 1) < 0.02  # the area about kept
+        factor = (height / width) / (200 / 260)
+        assert 0.5 * 0.98 <= factor <= 2.0 * 1.02
+        w, h = (out_boxes[:, 2] - out_boxes[:, 0]), (out_boxes[:, 3] - out_boxes[:, 1])
+        torch.testing.assert_close(h / w, (boxes[:, 3] - boxes[:, 1]) / (boxes[:, 2] - boxes[:, 0]) * factor, rtol=0.02, atol=0)
+        factors.append(factor)
+    assert min(factors) < 0.7 and max(factors) > 1.4  # both ways, most of the range
+
+
+def test_noise_range_draws_a_strength_per_image():
+    augment = no_hflip(noise=1.0, noise_sigma=(0.0, 0.1))
+    flat = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    stds = [float((augment(flat, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), item_generator(0, 0, i))[0].float() - 128).std()) / 255 for i in range(24)]
+    assert all(s <= 0.1 * 1.1 for s in stds) and min(stds) < 0.03 and max(stds) > 0.07
 
 
 # ---------------------------------------------------------------------- draws
@@ -241,7 +266,8 @@ def test_iou_crop_keeps_only_whole_enough_boxes():
 
 
 def test_bad_parameters_are_refused():
-    for kwargs in ({"hflip": 1.5}, {"rng": "numpy"}, {"min_box_size": 0.5}, {"scale_jitter": (1.2, 0.8)}, {"zoom_out": 0.5, "zoom_out_max": 0.9}, {"hue": 0.7}):
+    for kwargs in ({"hflip": 1.5}, {"rng": "numpy"}, {"min_box_size": 0.5}, {"scale_jitter": (1.2, 0.8)}, {"zoom_out": 0.5, "zoom_out_max": 0.9}, {"hue": 0.7},
+                   {"stretch": (2.0, 0.5)}, {"stretch": (0.0, 2.0)}, {"noise": 0.5, "noise_sigma": (0.1, 0.05)}, {"noise": 0.5, "noise_sigma": (0.0, 1.5)}):
         with pytest.raises(ValueError):
             Augment(**kwargs)
     with pytest.raises(UnsafeConfigError):
@@ -249,11 +275,12 @@ def test_bad_parameters_are_refused():
 
 
 def test_every_choice_builds_and_takes_the_overhead_options():
-    for choice in ("paper", "light", "strong"):
+    for choice in ("paper", "light", "strong", "robust"):
         augment = build_augment(augment_config(f"augment={choice}", "augment.vflip=0.5", "augment.rot90=true"))
         names = repr(augment.transforms)
         assert "RandomHorizontalFlip(p=0.5)" in names and "RandomVerticalFlip(p=0.5)" in names and "RandomRotation" in names
-        assert ("ColorJitter" in names) == (choice != "paper") and ("RandomIoUCrop" in names) == (choice == "strong")
+        assert ("ColorJitter" in names) == (choice != "paper") and ("RandomIoUCrop" in names) == (choice in ("strong", "robust"))
+        assert ("RandomStretch" in names) == ("RandomNoise" in names) == (choice == "robust")
     assert build_augment(augment_config("augment=light")).rng == "item"
 
 

@@ -110,8 +110,9 @@ def test_dataloader_workers_see_the_main_process_draws_in_every_epoch(tmp_path, 
 def test_paper_draws_what_the_dataset_drew_before(tmp_path, data_dir):
     """augment=paper: one global torch.rand per item, the flip when it is below 0.5, the same
     pixels and boxes as the former ``prepare(..., flip=torch.rand(()) < flip_prob)``."""
-    dm = _datamodule(tmp_path, data_dir)  # augment=paper: the default
-    assert OmegaConf.to_container(_cfg(tmp_path, data_dir).augment)["rng"] == "global"
+    paper = ("augment=paper", "data.min_size=256")  # the paper's flip at one size (a list draws a size per image)
+    dm = _datamodule(tmp_path, data_dir, *paper)
+    assert OmegaConf.to_container(_cfg(tmp_path, data_dir, *paper).augment)["rng"] == "global"
     train_set = dm.datasets["train"]
     assert not train_set.draws_per_item and train_set.flip_prob == 0.5
     n = 12
@@ -172,7 +173,7 @@ def test_multi_scale_training_and_one_test_size(tmp_path, data_dir):
 @pytest.fixture(scope="module")
 def shapes_samples(tmp_path_factory, data_dir):
     """The built-in training boxes at the default run's resolution, with the tiny trunk's sizes."""
-    cfg = compose_config([f"paths.output_dir={tmp_path_factory.mktemp('fit')}", f"paths.data_dir={data_dir}", *SMALL_DATA, "data.builtin.num_train=64"])
+    cfg = compose_config([f"paths.output_dir={tmp_path_factory.mktemp('fit')}", f"paths.data_dir={data_dir}", *SMALL_DATA, "data.builtin.num_train=64", "data.min_size=256"])
     dm = build_datamodule(cfg)
     dm.setup("fit")
     feature_size, stride = feature_size_fn(cfg.backbone)

@@ -36,7 +36,7 @@ def test_anchor_values_are_sweepable_one_by_one():
 
 
 def test_sampler_default_is_the_papers():
-    s = compose_config(BASE + ["sampler=default"]).sampler
+    s = compose_config(BASE + ["sampler=default", "~experiment"]).sampler  # the group, without the default run's values
     assert (s.anchor_target.n_sample, s.anchor_target.pos_ratio) == (256, 0.5)
     assert (s.anchor_target.pos_iou_thresh, s.anchor_target.neg_iou_thresh) == (0.7, 0.3)
     assert (s.proposal.n_train_pre_nms, s.proposal.n_train_post_nms) == (12000, 2000)
@@ -84,7 +84,7 @@ def test_paper_recipe_is_reachable_from_config():
 def test_paper_experiments_pin_the_papers_augmentation(experiment):
     """Whatever train.yaml's default augmentation becomes, the paper's recipes keep augment=paper."""
     assert "override /augment: paper" in (CONF_DIR / "experiment" / "voc07_vgg16.yaml").read_text()
-    assert _defaults_list()["augment"] == "paper"
+    assert _defaults_list()["augment"] == "robust"  # the default run's, which the paper experiments replace
     cfg = compose_config(BASE + [f"experiment={experiment}"])
     assert (cfg.augment.rng, cfg.augment.hflip, cfg.augment.scale_jitter, cfg.augment.brightness) == ("global", 0.5, None, 0.0)
 
@@ -116,7 +116,7 @@ def test_backbone_groups_build(backbone, channels, norm):
     cfg = compose_config(BASE + [f"backbone={backbone}", "backbone.pretrained=false"] if backbone != "tiny" else BASE)
     assert (tuple(cfg.data.mean), tuple(cfg.data.std)) == norm  # the DataModule normalises as the backbone expects
     model = build_model(model_config(cfg))
-    assert model.stride == 16 and model.num_classes == 6 and model.anchor_generator.num_anchors == 15
+    assert model.stride == (8 if backbone == "tiny" else 16) and model.num_classes == 6 and model.anchor_generator.num_anchors == 15
     # the RPN's 3x3 conv on the trunk's channels (rpn_mid_channels null in the default run: as many)
     assert (model.rpn.conv.in_channels, model.rpn.conv.out_channels) == (channels, channels)
 
@@ -136,21 +136,23 @@ def test_the_defaults_list_is_what_the_default_run_uses():
     """The default run's groups are read off train.yaml's defaults list: experiment=cpu_shapes
     changes values only, never a group."""
     defaults = _defaults_list()
-    assert {g: defaults[g] for g in ("data", "backbone", "anchor", "sampler", "optim", "callbacks")} == {
+    assert {g: defaults[g] for g in ("data", "backbone", "anchor", "sampler", "optim", "callbacks", "augment")} == {
         "data": "shapes",
         "backbone": "tiny",
         "anchor": "small",
         "sampler": "fast",
         "optim": "adamw",
         "callbacks": "default",
+        "augment": "robust",
     }
     assert defaults["experiment"] == "cpu_shapes"
     experiment = OmegaConf.load(CONF_DIR / "experiment" / "cpu_shapes.yaml")
-    assert "defaults" not in experiment and set(experiment) == {"model", "optim", "trainer"}
+    assert "defaults" not in experiment and set(experiment) == {"sampler", "model", "optim", "trainer"}
     # the same groups with and without the experiment: it only sets values
     default, bare = compose_config(BASE), compose_config(BASE + ["~experiment"])
-    for group in ("data", "backbone", "anchor", "sampler", "callbacks"):
+    for group in ("data", "backbone", "anchor", "augment", "callbacks"):
         assert default[group] == bare[group], group
+    assert set(default.sampler) == set(bare.sampler) and (default.sampler.proposal.min_size, bare.sampler.proposal.min_size) == (4, 16)
     assert default.optim.optimizer == bare.optim.optimizer
 
 
@@ -164,13 +166,16 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert OmegaConf.to_container(o.optimizer) == {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "foreach": True}
     assert (o.lr, o.weight_decay, o.bias_lr_factor, o.bias_weight_decay) == (1e-3, 1e-4, 1.0, 0.0)
     # what experiment=cpu_shapes sets on top of the groups
-    assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [3], 0.1, 4)
+    assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [5], 0.1, 6)
     assert cfg.model.rpn_mid_channels is None
+    assert list(cfg.backbone.widths) == [32, 64, 128] and build_model(model_config(cfg), pretrained=False).stride == 8
+    assert list(cfg.data.min_size) == [224, 256, 288, 320] and cfg.sampler.proposal.min_size == 4
+    assert cfg.augment.stretch == [0.5, 2.0] and cfg.augment.rng == "item"
     paper = compose_config(BASE + ["anchor=k9", "sampler=default", "optim=sgd"])
     assert (paper.sampler.proposal.n_train_pre_nms, paper.sampler.proposal.n_train_post_nms) == (12000, 2000)
     assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer._target_ == "torch.optim.SGD"
     assert (paper.optim.optimizer.momentum, paper.optim.weight_decay, paper.optim.bias_lr_factor) == (0.9, 5e-4, 2.0)
-    assert (paper.optim.warmup_steps, paper.trainer.max_epochs) == (200, 4)  # the experiment's values stay
+    assert (paper.optim.warmup_steps, paper.trainer.max_epochs) == (200, 6)  # the experiment's values stay
     # every backbone composes with the default experiment
     assert "widths" not in compose_config(BASE + ["backbone=vgg16"]).backbone
 
@@ -217,7 +222,7 @@ EXPERIMENTS = {
     "voc07_vgg16": ("voc2007", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc0712_vgg16": ("voc0712", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc07_resnet101": ("voc2007", "resnet101", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
-    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 4, [3], "val"),
+    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 6, [5], "val"),
     "cpu_anchor_study": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 2, [1], "val"),
 }
 
@@ -232,7 +237,7 @@ def test_experiments_compose_and_build(experiment):
     if data == "voc0712":
         assert [s.split for s in cfg.data.train_sets] == ["trainval", "trainval"]
     model = build_model(model_config(cfg), pretrained=False)
-    assert model.stride == 16 and model.num_classes == len(cfg.data.classes) == (6 if data == "shapes" else 20)
+    assert model.stride == (8 if backbone == "tiny" else 16) and model.num_classes == len(cfg.data.classes) == (6 if data == "shapes" else 20)
 
 
 @pytest.mark.parametrize("sampler,counts", [("fast", (256, 2000, 500, 128)), ("dense", (512, 12000, 2000, 256))])
@@ -243,3 +248,14 @@ def test_sampler_variants_and_single_counts(sampler, counts):
     model = build_model(model_config(compose_config(BASE + [f"sampler={sampler}", "sampler.proposal_target.pos_ratio=0.5"])))
     assert model.proposal_target_creator.pos_ratio == 0.5
     assert model.anchor_target_creator.n_sample == counts[0]
+
+
+def test_own_data_experiment_is_the_default_recipe_with_fitted_anchors_a_holdout_and_a_longer_schedule():
+    default = compose_config(BASE)
+    cfg = compose_config(BASE + ["experiment=own_data", "data=voc", "data.root=/data/mine", "data.classes=[cell]", "data.min_size=[448,512]"])
+    assert cfg.anchor._target_ == "fasterrcnn.analysis.anchor_fit.auto_anchors" and cfg.anchor.k == 15
+    assert (cfg.data.val_holdout, cfg.trainer.max_epochs, list(cfg.optim.lr_decay_epochs)) == (0.1, 24, [20])
+    assert cfg.data.name == "voc" and list(cfg.data.min_size) == [448, 512]
+    for key in ("backbone", "augment", "sampler", "model"):  # the rest is the default run's
+        assert cfg[key] == default[key], key
+    assert compose_config(BASE + ["experiment=own_data", "data=voc", "data.root=/x", "data.classes=[a]"]).data.min_size == 600  # the data group's

@@ -140,7 +140,7 @@ def test_untrained_backbone_is_never_downloaded(tmp_path):
     cfg = compose_config(["backbone=resnet18"], tmp_path)  # pretrained: true in the config
     model, names, spec = explain.load_model(cfg, None)
     assert names == list(cfg.data.classes) and model.num_classes == len(names)
-    assert spec == model.preprocess == Preprocess.from_dict({k: cfg.data[k] for k in ("min_size", "max_size", "mean", "std")})
+    assert spec == model.preprocess == Preprocess.from_dict({**{k: cfg.data[k] for k in ("max_size", "mean", "std")}, "min_size": max(cfg.data.min_size)})
 
 
 def test_index_out_of_range_is_an_error(tmp_path, data_dir):

@@ -95,7 +95,7 @@ def test_difficult_objects_are_left_out_of_training_targets():
 
 
 def test_datamodule_flips_only_in_training_and_normalises_for_the_backbone(tmp_path):
-    cfg = compose_config([f"paths.data_dir={tmp_path}", "data.builtin.num_train=2", "data.builtin.num_val=1", "data.builtin.num_test=1", "data.builtin.num_test_shift=0", "augment.hflip=1.0"])
+    cfg = compose_config([f"paths.data_dir={tmp_path}", "data.builtin.num_train=2", "data.builtin.num_val=1", "data.builtin.num_test=1", "data.builtin.num_test_shift=0", "augment=paper", "augment.hflip=1.0"])
     assert list(cfg.data.mean) == list(cfg.backbone.mean) and list(cfg.data.std) == list(cfg.backbone.std)
     dm = build_datamodule(cfg)
     dm.prepare_data()

@@ -105,3 +105,21 @@ def test_a_pretrained_resnet_checkpoint_rebuilds_without_its_imagenet_weights(mo
     state = model.state_dict()
     rebuilt = build_model(model_config(cfg), pretrained=False)
     rebuilt.load_state_dict(state)  # strict: the same tensors
+
+
+def test_tiny_stride_follows_its_widths_and_the_anchors_follow_the_stride():
+    from fasterrcnn.backbones import tiny
+
+    for widths, stride in (([8, 16, 16, 32], 16), ([8, 16, 32], 8)):
+        bb = tiny(widths, head_features=16)
+        assert bb.stride == stride and bb.trunk(torch.zeros(1, 3, 96, 128)).shape == (1, widths[-1], 96 // stride, 128 // stride)
+    with pytest.raises(ValueError, match="widths"):
+        tiny([8])
+    model, _ = _model(["backbone.widths=[8,16,32]", "backbone.head_features=32"])
+    assert model.stride == 8 and model.anchor_generator.stride == 8 and model.roi_head.spatial_scale == 1 / 8
+    anchors = model.anchor_generator(12, 16)  # one per (cell, base anchor), cell centres every 8 px
+    k = len(model.anchor_generator.base)
+    centres = (anchors[::k, :2] + anchors[::k, 2:]) / 2
+    assert anchors.shape == (12 * 16 * k, 4) and torch.allclose(centres[:2], torch.tensor([[4.0, 4.0], [12.0, 4.0]]))
+    out = model.losses(torch.randn(1, 3, 96, 128), [(96, 128)], [(96, 128)], [torch.tensor([[10.0, 10.0, 30.0, 22.0]])], [torch.tensor([1])])
+    assert torch.isfinite(out["loss"])

@@ -136,8 +136,8 @@ def test_feature_size_is_the_trunks():
     tiny = compose_config([], Path("/tmp/unused"), pretrained=False)
     vgg_size, vgg_stride = coverage_report.feature_size_fn(vgg.backbone)
     tiny_size, tiny_stride = coverage_report.feature_size_fn(tiny.backbone)
-    assert vgg_stride == tiny_stride == 16
-    assert vgg_size(256, 300) == (16, 18) and tiny_size(256, 300) == (16, 19)
+    assert (vgg_stride, tiny_stride) == (16, 8)  # the default tiny trunk: three stride-2 layers
+    assert vgg_size(256, 300) == (16, 18) and tiny_size(256, 300) == (32, 38)
 
 
 # ---------------------------------------------------------------------------- inspect_shapes

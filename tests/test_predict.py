@@ -63,7 +63,7 @@ def test_folder_good_images_are_written_and_the_bad_one_reported(run, folder, tm
     assert failure["file"] == str(folder / "broken.jpg") and "broken.jpg: cannot decode the image" in failure["error"]
     assert sorted(os.listdir(out)) == ["a.jpg", "b.png", "detections.json"]  # notes.txt is not an image: skipped
     assert json.loads((out / "detections.json").read_text()) == result
-    assert result["classes"] == run["classes"] and (result["min_size"], result["max_size"]) == (256, 400)  # the run's config.yaml
+    assert result["classes"] == run["classes"] and (result["min_size"], result["max_size"]) == (320, 400)  # the run's config.yaml
 
     for entry in result["images"]:
         drawn = load_image(str(out / entry["file"]))
@@ -82,7 +82,7 @@ def test_folder_good_images_are_written_and_the_bad_one_reported(run, folder, tm
 
 def test_boxes_are_the_models_on_the_training_preprocessing_in_voc_coordinates(run, tmp_path):
     """The JSON boxes are what the model predicts on the image preprocessed as the DataModule
-    does it (resize to the run's 256/400, the backbone's normalisation), plus VOC's 1-based shift."""
+    does it (resize to the run's 320/400, the backbone's normalisation), plus VOC's 1-based shift."""
     image_path = run["images"][2]
     result = predict(predict_cfg(run, image_path, tmp_path / "out", "score_thresh=0.05"))
     module = FasterRCNNModule.load(run["ckpt"]).eval()
@@ -95,7 +95,7 @@ def test_boxes_are_the_models_on_the_training_preprocessing_in_voc_coordinates(r
         "difficult": torch.zeros(0, dtype=torch.bool),
         "image_id": "x",
     }
-    batch = collate([DetectionDataset([item], 256, 400, backbone["mean"], backbone["std"])[0]])
+    batch = collate([DetectionDataset([item], 320, 400, backbone["mean"], backbone["std"])[0]])
     det = module.model.predict(batch.images, batch.image_sizes, batch.original_sizes, score_thresh=0.05)[0]
 
     got = result["images"][0]["detections"]
@@ -133,7 +133,7 @@ def test_a_checkpoint_alone_predicts_with_its_training_preprocessing(run, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "detections.json").read_text())
-    assert (result["min_size"], result["max_size"]) == (256, 400)  # the shapes data's, from the checkpoint
+    assert (result["min_size"], result["max_size"]) == (320, 400)  # the shapes data's, from the checkpoint
     assert [r["file"] for r in result["images"]] == [image.name] and result["failures"] == []
     # the same detections as with the run's config.yaml beside it
     beside = predict(compose_config([f"ckpt_path={run['ckpt']}", f"input={image}", f"output={tmp_path / 'out2'}", "score_thresh=0.0"], config_name="predict"))

@@ -147,7 +147,9 @@ def test_end_to_end_the_loss_falls_and_map_rises(make_cfg):
             "data.builtin.num_val=4",
             "data.builtin.num_test=4",
             "data.val_sets=[{split: train}]",
+            "augment=paper",  # fitting 8 images: no augmentation
             "augment.hflip=0",
+            "data.min_size=256",
             "backbone.widths=[16,32,64,64]",
             "backbone.head_features=128",
             "optim=adamw",

@@ -194,10 +194,14 @@ def tiny(
 ) -> Backbone:
     """A small GroupNorm CNN trained from scratch: the fast CPU default for the built-in data.
 
-    Trunk: a stride-2 stem and three stride-2 stages (stride 16 in all), each stage a strided
-    conv and a residual block; head: one fully connected layer on the pooled RoI (like fc6), so
-    the detector keeps the paper's structure at a fraction of VGG16's cost.
+    Trunk: a stride-2 stem and ``len(widths) - 1`` stride-2 stages, each a strided conv and a
+    residual block: stride ``2 ** len(widths)`` (the default four widths: 16, as VGG16's conv5;
+    three widths, e.g. ``[32, 64, 128]``: stride 8, a feature cell and anchors every 8 px, for
+    small objects). Head: one fully connected layer on the pooled RoI (like fc6), so the detector
+    keeps the paper's structure at a fraction of VGG16's cost.
     """
+    if len(widths) < 2:
+        raise ValueError(f"backbone.widths: the stem's width and at least one stage's, not {list(widths)!r}")
     layers: list[nn.Module] = [_conv_gn(3, widths[0], stride=2)]
     for cin, cout in zip(widths[:-1], widths[1:]):
         layers += [_conv_gn(cin, cout, stride=2), _Residual(cout)]
@@ -211,7 +215,7 @@ def tiny(
         head=head,
         out_channels=widths[-1],
         head_out_features=head_features,
-        stride=16,
+        stride=2 ** len(widths),
         roi_size=roi_size,
         mean=mean,
         std=std,

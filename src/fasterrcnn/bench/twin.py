@@ -208,6 +208,13 @@ def check_anchors(model: FasterRCNN, tv: TVFasterRCNN, images: Tensor) -> float:
 
 
 @torch.no_grad()
+def _rows_sorted(boxes: Tensor) -> Tensor:
+    """``boxes (R, 4)`` in lexicographic row order (a stable sort per column, last column first)."""
+    for column in reversed(range(boxes.shape[1])):
+        boxes = boxes[boxes[:, column].argsort(stable=True)]
+    return boxes
+
+
 def inference_difference(model: FasterRCNN, tv: TVFasterRCNN, images: Tensor) -> dict[str, float | bool]:
     """Our test-time proposals and detections against torchvision's on ``images (N, 3, H, W)``
     (at their input size), both in eval mode.
@@ -240,7 +247,9 @@ def inference_difference(model: FasterRCNN, tv: TVFasterRCNN, images: Tensor) ->
         def largest(diffs: list[Tensor]) -> float:
             return max((float(d.abs().max()) for d in diffs if d.numel()), default=0.0)
 
-        out["proposals_px"] = largest([o["proposals"] - p for o, p in zip(ours, proposals)])
+        # as sets: proposals of equal scores (an untrained RPN gives many, among small boxes
+        # most) may come in either order; the detections, which depend on the set, must be equal
+        out["proposals_px"] = largest([_rows_sorted(o["proposals"]) - _rows_sorted(p) for o, p in zip(ours, proposals)])
         out["boxes_px"] = largest([o["boxes"] - t["boxes"] for o, t in zip(ours, theirs)])
         out["scores"] = largest([o["scores"] - t["scores"] for o, t in zip(ours, theirs)])
         out["labels_differ"] = sum(int((o["labels"] != t["labels"]).sum()) for o, t in zip(ours, theirs))

@@ -10,7 +10,10 @@ geometry. The choices (``conf/augment/``):
 * ``light``: the flip and photometric changes (``v2.ColorJitter``), sometimes a Gaussian blur or
   Gaussian noise;
 * ``strong``: light, plus scale jitter (``v2.RandomAffine`` scale and shift, the canvas kept),
-  zoom-out (``v2.RandomZoomOut``) and the IoU crop of SSD (``v2.RandomIoUCrop``).
+  zoom-out (``v2.RandomZoomOut``) and the IoU crop of SSD (``v2.RandomIoUCrop``);
+* ``stretch`` (aspect-ratio jitter, :class:`RandomStretch`: a resize by ``TF.resize``, which moves
+  the boxes) and a noise strength drawn per image (``noise_sigma: [min, max]``,
+  :class:`RandomNoise`) are parameters any choice can set.
 
 ``vflip`` and ``rot90`` (for overhead or microscopy images, where up is arbitrary) can be added to
 any choice: ``augment.vflip=0.5 augment.rot90=true``.
@@ -132,6 +135,49 @@ def eval_min_size(min_size: int | Sequence[int], test_min_size: int | None = Non
     return int(test_min_size)
 
 
+# ---------------------------------------------------------------------- two v2 transforms v2 lacks
+def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    """``(H, W)`` of the image among a v2 transform's inputs."""
+    image = next(i for i in flat_inputs if isinstance(i, tv_tensors.Image))
+    height, width = TF.get_size(image)
+    return int(height), int(width)
+
+
+class RandomStretch(v2.Transform):
+    """Aspect-ratio jitter: the image is resized to ``(H * sqrt(r), W / sqrt(r))`` (about the
+    same area) with ``r`` log-uniform in ``aspect_range``, so an object's height / width is
+    multiplied by ``r``; the boxes follow through ``TF.resize`` (v2's own box kernel)."""
+
+    def __init__(self, aspect_range: Sequence[float]) -> None:
+        super().__init__()
+        self.log_range = tuple(float(np.log(v)) for v in aspect_range)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _image_size(flat_inputs)
+        lo, hi = self.log_range
+        root = float(torch.exp((lo + torch.rand(()) * (hi - lo)) / 2))  # sqrt(r)
+        return {"size": [max(1, round(height * root)), max(1, round(width / root))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
+
+
+class RandomNoise(v2.Transform):
+    """Gaussian pixel noise whose standard deviation (a fraction of 255) is drawn per image,
+    uniformly from ``sigma_range``, then ``TF.gaussian_noise`` (clipped); boxes pass through."""
+
+    def __init__(self, sigma_range: Sequence[float]) -> None:
+        super().__init__()
+        self.sigma_range = tuple(float(v) for v in sigma_range)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        lo, hi = self.sigma_range
+        return {"sigma": float(lo + torch.rand(()) * (hi - lo))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.gaussian_noise, inpt, mean=0.0, sigma=params["sigma"], clip=True)
+
+
 # ---------------------------------------------------------------------- the augmentation
 def _prob(name: str, value: float) -> float:
     value = float(value)
@@ -167,8 +213,12 @@ class Augment:
             circle, at most 0.5). All 0: no colour change.
         blur: probability of a ``v2.GaussianBlur`` with sigma drawn from ``blur_sigma``
             (pixels; the kernel covers 3 sigma).
-        noise: probability of ``v2.GaussianNoise`` of standard deviation ``noise_sigma`` (a
-            fraction of 255).
+        noise: probability of Gaussian noise of standard deviation ``noise_sigma`` (a fraction
+            of 255; ``v2.GaussianNoise``), or drawn per image from ``noise_sigma: [min, max]``
+            (:class:`RandomNoise`).
+        stretch: ``[min, max]`` of the aspect-ratio jitter (:class:`RandomStretch`): each image's
+            height / width is multiplied by a factor log-uniform in it, its area about kept
+            (e.g. ``[0.5, 2]``). None: off.
         scale_jitter: ``[min, max]`` scale of ``v2.RandomAffine`` about the image centre, with a
             shift of up to ``translate`` of the image size; the canvas is kept, so above 1 the
             image is zoomed in and cut, below 1 it is shrunk and the border filled. None: off.
@@ -185,7 +235,7 @@ class Augment:
             generator it is given.
 
     Order: flips, then photometric (colour, blur, noise: the filled canvas stays the fill
-    colour, as in SSD), then scale jitter, zoom-out and IoU crop, the quarter turn, and last the
+    colour, as in SSD), then the aspect stretch, scale jitter, zoom-out and IoU crop, the quarter turn, and last the
     dropping rule.
     """
 
@@ -201,7 +251,8 @@ class Augment:
         blur: float = 0.0,
         blur_sigma: Sequence[float] = (0.1, 1.5),
         noise: float = 0.0,
-        noise_sigma: float = 0.03,
+        noise_sigma: float | Sequence[float] = 0.03,
+        stretch: Sequence[float] | None = None,
         scale_jitter: Sequence[float] | None = None,
         translate: float = 0.0,
         zoom_out: float = 0.0,
@@ -235,7 +286,13 @@ class Augment:
             sigma = _range("blur_sigma", blur_sigma, 0.0)
             steps.append(v2.RandomApply([v2.GaussianBlur(2 * int(np.ceil(3 * sigma[1])) + 1, sigma)], p=blur))
         if _prob("noise", noise) > 0:
-            steps.append(v2.RandomApply([v2.GaussianNoise(sigma=_strength("noise_sigma", noise_sigma))], p=noise))
+            if isinstance(noise_sigma, (int, float)):
+                steps.append(v2.RandomApply([v2.GaussianNoise(sigma=_strength("noise_sigma", noise_sigma))], p=noise))
+            else:
+                sigmas = _range("noise_sigma", noise_sigma, -1e-12)
+                steps.append(v2.RandomApply([RandomNoise((_strength("noise_sigma", sigmas[0]), _strength("noise_sigma", sigmas[1])))], p=noise))
+        if stretch is not None:
+            steps.append(RandomStretch(_range("stretch", stretch, 0.0)))
         if scale_jitter is not None:
             shift = _strength("translate", translate)
             affine = v2.RandomAffine(
@@ -268,7 +325,7 @@ class Augment:
         generator, nothing else): the dataset then flips after resizing, as the reference does,
         so the flipped boxes are its numbers to the last bit (flipping first rounds differently)."""
         off = {"vflip": 0.0, "rot90": False, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
-               "blur": 0.0, "noise": 0.0, "scale_jitter": None, "zoom_out": 0.0, "iou_crop": 0.0}  # fmt: skip
+               "blur": 0.0, "noise": 0.0, "stretch": None, "scale_jitter": None, "zoom_out": 0.0, "iou_crop": 0.0}  # fmt: skip
         return self.rng == "global" and all(self.params[k] == v for k, v in off.items())
 
     @property
