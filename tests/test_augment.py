@@ -355,3 +355,21 @@ def test_show_augment_writes_a_png(tmp_path, data_dir):
     assert path == str(out)
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > 3 * 192 and png.size[1] > 2 * 192
+
+
+def test_blur_is_v2s_gaussian_blur_done_one_axis_at_a_time():
+    from fasterrcnn.data.augment import RandomBlur
+
+    image = scene()[0]
+    for sigma in (0.4, 1.3, 2.5):
+        taps = 2 * int(np.ceil(3 * sigma)) + 1
+        ours = RandomBlur((sigma, sigma))(tv_image(image))
+        theirs = TF.gaussian_blur(image, [taps, taps], [sigma, sigma])
+        assert ours.dtype == torch.uint8 and (ours.int() - theirs.int()).abs().max() <= 1, sigma
+        assert (ours.int() - image.int()).abs().max() > 10  # it does blur
+
+
+def tv_image(image: torch.Tensor):
+    from torchvision import tv_tensors
+
+    return tv_tensors.Image(image)

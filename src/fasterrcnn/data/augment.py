@@ -162,6 +162,33 @@ class RandomStretch(v2.Transform):
         return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
 
 
+class RandomBlur(v2.Transform):
+    """A Gaussian blur whose sigma (pixels) is drawn per image, uniformly from ``sigma_range``,
+    over a kernel of ``2 * ceil(3 sigma) + 1`` taps: ``TF.gaussian_blur`` once along each axis
+    (the Gaussian is separable, so this is v2's 2-D blur with that kernel, about 8x faster on
+    the CPU than one 17 x 17 pass; rounded to uint8 once, at the end). Boxes pass through."""
+
+    def __init__(self, sigma_range: Sequence[float]) -> None:
+        super().__init__()
+        self.sigma_range = tuple(float(v) for v in sigma_range)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        lo, hi = self.sigma_range
+        return {"sigma": float(lo + torch.rand(()) * (hi - lo))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        sigma = params["sigma"]
+        taps = 2 * int(np.ceil(3 * sigma)) + 1
+        image = inpt.as_subclass(Tensor)
+        out = TF.gaussian_blur(image.float(), [taps, 1], [sigma, sigma])
+        out = TF.gaussian_blur(out, [1, taps], [sigma, sigma])
+        if not image.is_floating_point():
+            out = out.round_().clamp_(0, 255).to(image.dtype)
+        return tv_tensors.wrap(out, like=inpt)
+
+
 class RandomNoise(v2.Transform):
     """Gaussian pixel noise whose standard deviation (a fraction of 255) is drawn per image,
     uniformly from ``sigma_range``, then ``TF.gaussian_noise`` (clipped); boxes pass through."""
@@ -211,8 +238,8 @@ class Augment:
         brightness, contrast, saturation, hue: ``v2.ColorJitter``'s strengths: the factor is drawn
             from ``[1 - s, 1 + s]``, the hue shift from ``[-hue, hue]`` (a fraction of the colour
             circle, at most 0.5). All 0: no colour change.
-        blur: probability of a ``v2.GaussianBlur`` with sigma drawn from ``blur_sigma``
-            (pixels; the kernel covers 3 sigma).
+        blur: probability of a Gaussian blur with sigma drawn from ``blur_sigma`` (pixels; the
+            kernel covers 3 sigma; :class:`RandomBlur`, ``TF.gaussian_blur`` along each axis).
         noise: probability of Gaussian noise of standard deviation ``noise_sigma`` (a fraction
             of 255; ``v2.GaussianNoise``), or drawn per image from ``noise_sigma: [min, max]``
             (:class:`RandomNoise`).
@@ -284,7 +311,7 @@ class Augment:
             steps.append(v2.ColorJitter(**{k: v or None for k, v in jitter.items()}))
         if _prob("blur", blur) > 0:
             sigma = _range("blur_sigma", blur_sigma, 0.0)
-            steps.append(v2.RandomApply([v2.GaussianBlur(2 * int(np.ceil(3 * sigma[1])) + 1, sigma)], p=blur))
+            steps.append(v2.RandomApply([RandomBlur(sigma)], p=blur))
         if _prob("noise", noise) > 0:
             if isinstance(noise_sigma, (int, float)):
                 steps.append(v2.RandomApply([v2.GaussianNoise(sigma=_strength("noise_sigma", noise_sigma))], p=noise))
