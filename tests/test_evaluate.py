@@ -31,7 +31,7 @@ def trained(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("train")
     cfg = compose_config(
         [f"paths.output_dir={out}", f"paths.data_dir={data_dir}", "logger=none", *SMALL_DATA, *TINY_NET,
-         "trainer.max_epochs=3", "optim.warmup_steps=10", "evaluation.coco=false"]
+         "trainer.max_epochs=3", "optim.warmup_steps=10", "evaluation.coco=false", "augment=paper", "data.min_size=256"]
     )  # fmt: skip
     metrics = train(cfg)
     return {"ckpt": metrics["checkpoints"]["last"], "data_dir": data_dir, "metrics": metrics}

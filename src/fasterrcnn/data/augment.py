@@ -162,11 +162,8 @@ class RandomStretch(v2.Transform):
         return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
 
 
-class RandomBlur(v2.Transform):
-    """A Gaussian blur whose sigma (pixels) is drawn per image, uniformly from ``sigma_range``,
-    over a kernel of ``2 * ceil(3 sigma) + 1`` taps: ``TF.gaussian_blur`` once along each axis
-    (the Gaussian is separable, so this is v2's 2-D blur with that kernel, about 8x faster on
-    the CPU than one 17 x 17 pass; rounded to uint8 once, at the end). Boxes pass through."""
+class _SigmaPerImage(v2.Transform):
+    """A transform with a strength ``sigma`` drawn per image, uniformly from ``sigma_range``."""
 
     def __init__(self, sigma_range: Sequence[float]) -> None:
         super().__init__()
@@ -175,6 +172,13 @@ class RandomBlur(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         lo, hi = self.sigma_range
         return {"sigma": float(lo + torch.rand(()) * (hi - lo))}
+
+
+class RandomBlur(_SigmaPerImage):
+    """A Gaussian blur whose sigma (pixels) is drawn per image, uniformly from ``sigma_range``,
+    over a kernel of ``2 * ceil(3 sigma) + 1`` taps: ``TF.gaussian_blur`` once along each axis
+    (the Gaussian is separable, so this is v2's 2-D blur with that kernel, about 8x faster on
+    the CPU than one 17 x 17 pass; rounded to uint8 once, at the end). Boxes pass through."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image):
@@ -189,17 +193,9 @@ class RandomBlur(v2.Transform):
         return tv_tensors.wrap(out, like=inpt)
 
 
-class RandomNoise(v2.Transform):
+class RandomNoise(_SigmaPerImage):
     """Gaussian pixel noise whose standard deviation (a fraction of 255) is drawn per image,
     uniformly from ``sigma_range``, then ``TF.gaussian_noise`` (clipped); boxes pass through."""
-
-    def __init__(self, sigma_range: Sequence[float]) -> None:
-        super().__init__()
-        self.sigma_range = tuple(float(v) for v in sigma_range)
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        lo, hi = self.sigma_range
-        return {"sigma": float(lo + torch.rand(()) * (hi - lo))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(TF.gaussian_noise, inpt, mean=0.0, sigma=params["sigma"], clip=True)
