@@ -84,6 +84,8 @@ class FasterRCNNModule(L.LightningModule):
         self.evaluator = DetectionMetrics(self.class_names, use_07_metric, **evaluation)
         # validation loader 0 (val/...) and, under data.val_shift, 1: the shifted split (val_shift/...)
         self.evaluators = (self.evaluator, DetectionMetrics(self.class_names, use_07_metric, **evaluation))
+        # per validation prefix: (the summed losses (len(LOSS_KEYS),), images), see _add_val_losses
+        self._val_loss_sums: dict[str, tuple[Tensor, int]] = {}
         self.use_07_metric = use_07_metric
         # The last validation's precision-recall curves (for the dashboard's end-of-run panel).
         self.pr_curves: dict = {}
@@ -173,17 +175,14 @@ class FasterRCNNModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         for evaluator in self.evaluators:
             evaluator.reset()
-        self._val_loss_sums: dict[str, list] = {}
+        self._val_loss_sums.clear()
 
     def _add_val_losses(self, prefix: str, out: dict[str, Tensor], count: int) -> None:
         """Sum one step's validation losses (``count`` images); they are logged once, as means,
         at the end of the validation (one ``self.log`` per step and loss cost ~1 ms each on CPU)."""
-        sums = getattr(self, "_val_loss_sums", None)
-        if sums is None:
-            sums = self._val_loss_sums = {}
         step = torch.stack([out[k].detach().float() for k in LOSS_KEYS]) * count
-        total, images = sums.get(prefix, (0, 0))
-        sums[prefix] = [total + step, images + count]
+        total, images = self._val_loss_sums.get(prefix, (0, 0))
+        self._val_loss_sums[prefix] = (total + step, images + count)
 
     def validation_step(self, batch: DetectionBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Losses, detections and proposal recall from one trunk pass (:meth:`FasterRCNN.trace`
@@ -206,7 +205,7 @@ class FasterRCNNModule(L.LightningModule):
         for index, (prefix, evaluator) in enumerate(zip(VAL_PREFIXES, self.evaluators)):
             if index >= self._num_val_loaders():
                 break
-            total, images = getattr(self, "_val_loss_sums", {}).get(prefix, (None, 0))
+            total, images = self._val_loss_sums.get(prefix, (None, 0))
             if images:
                 # The mean over this process's images; under DDP the mean of the processes' means
                 # (sync_dist), as Lightning's per-step logging gave.

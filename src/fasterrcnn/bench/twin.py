@@ -207,7 +207,6 @@ def check_anchors(model: FasterRCNN, tv: TVFasterRCNN, images: Tensor) -> float:
     return diff
 
 
-@torch.no_grad()
 def _rows_sorted(boxes: Tensor) -> Tensor:
     """``boxes (R, 4)`` in lexicographic row order (a stable sort per column, last column first)."""
     for column in reversed(range(boxes.shape[1])):
@@ -215,6 +214,7 @@ def _rows_sorted(boxes: Tensor) -> Tensor:
     return boxes
 
 
+@torch.no_grad()
 def inference_difference(model: FasterRCNN, tv: TVFasterRCNN, images: Tensor) -> dict[str, float | bool]:
     """Our test-time proposals and detections against torchvision's on ``images (N, 3, H, W)``
     (at their input size), both in eval mode.
