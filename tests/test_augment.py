@@ -369,6 +369,16 @@ def test_blur_is_v2s_gaussian_blur_done_one_axis_at_a_time():
         assert (ours.int() - image.int()).abs().max() > 10  # it does blur
 
 
+def test_one_axis_blur_is_torchvisions_one_row_kernel():
+    from fasterrcnn.data.augment import gaussian_blur_axis
+
+    image = torch.rand(2, 3, 23, 31) * 255
+    for sigma, taps in ((0.7, 5), (2.5, 17)):
+        for dim, size in ((-2, [1, taps]), (-1, [taps, 1])):  # TF's kernel_size is [width, height]
+            theirs = TF.gaussian_blur(image, size, [sigma, sigma])
+            assert torch.allclose(gaussian_blur_axis(image, sigma, taps, dim), theirs, atol=1e-3), (sigma, dim)
+
+
 def tv_image(image: torch.Tensor):
     from torchvision import tv_tensors
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import roi_pool
 
-from fasterrcnn.ops import _log2_floor, roi_pool_exact
+from fasterrcnn.ops import LOOKUP_CHUNK_BINS, _log2_floor, range_max_table, roi_pool_exact
 
 
 def _boxes(n_rois: int, n_images: int, height: int, width: int, stride: int, g: torch.Generator) -> torch.Tensor:
@@ -29,6 +29,28 @@ def test_roi_pool_exact_is_torchvisions(n, c, h, w, size, stride):
         assert torch.equal(roi_pool_exact(features, boxes, size, 1.0 / stride), expected)
         cl = features.contiguous(memory_format=torch.channels_last)
         assert torch.equal(roi_pool_exact(cl, boxes, size, 1.0 / stride), expected)
+
+
+def test_range_max_table_builds_only_the_levels_asked_for():
+    features = torch.randn(2, 3, 11, 6)
+    full = range_max_table(features)
+    assert full.shape == (2, 4, 3, 11, 6, 3)  # 11 rows: levels 1, 2, 4, 8; 6 columns: 1, 2, 4
+    part = range_max_table(features, 2, 3)
+    assert torch.equal(part, full[:, :2])
+    # level (i, j) at (h, w): the maximum over rows h .. h + 2**i - 1, columns w .. w + 2**j - 1 (clipped)
+    for i, j, h, w in ((0, 0, 3, 2), (1, 2, 0, 1), (3, 1, 5, 5), (2, 2, 9, 4)):
+        block = features[:, :, h : h + (1 << i), w : w + (1 << j)]
+        assert torch.equal(full[:, i, j, h, w], block.amax(dim=(2, 3)))
+
+
+def test_roi_pool_exact_over_several_lookup_chunks_with_big_and_tiny_rois():
+    """More bins than one lookup chunk; RoIs that need every level of the table and 1-cell ones."""
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 6, 40, 50, generator=g)
+    boxes = _boxes(2 * LOOKUP_CHUNK_BINS // 49 + 7, 1, 40, 50, 8, g)
+    boxes[0, 1:] = torch.tensor([0.0, 0.0, 399.0, 319.0])  # the whole map: 7 x 7 bins of 5-8 cells
+    boxes[1, 1:] = torch.tensor([8.0, 8.0, 8.0, 8.0])  # one cell
+    assert torch.equal(roi_pool_exact(features, boxes, 7, 1 / 8), roi_pool(features, boxes, 7, 1 / 8))
 
 
 def test_roi_pool_exact_without_rois():

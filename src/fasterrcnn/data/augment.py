@@ -174,11 +174,30 @@ class _SigmaPerImage(v2.Transform):
         return {"sigma": float(lo + torch.rand(()) * (hi - lo))}
 
 
+def gaussian_blur_axis(image: Tensor, sigma: float, taps: int, dim: int) -> Tensor:
+    """``TF.gaussian_blur`` along one axis of a float ``(..., H, W)`` image (``dim`` -2 or -1):
+    the same normalised kernel of ``taps`` taps and the same reflect padding, as a sum of
+    ``taps`` shifted, weighted copies (on the CPU about 3x faster than the depthwise
+    convolution torchvision runs for a one-row kernel)."""
+    half = taps // 2
+    x = torch.linspace(-half, half, taps)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).tolist()
+    size = image.shape[dim]
+    pad = (0, 0, half, half) if dim == -2 else (half, half, 0, 0)
+    padded = torch.nn.functional.pad(image.reshape(-1, *image.shape[-2:])[None], pad, mode="reflect")[0]
+    out = padded.narrow(dim, 0, size) * kernel[0]
+    for t in range(1, taps):
+        out.add_(padded.narrow(dim, t, size), alpha=kernel[t])
+    return out.view(image.shape)
+
+
 class RandomBlur(_SigmaPerImage):
     """A Gaussian blur whose sigma (pixels) is drawn per image, uniformly from ``sigma_range``,
-    over a kernel of ``2 * ceil(3 sigma) + 1`` taps: ``TF.gaussian_blur`` once along each axis
-    (the Gaussian is separable, so this is v2's 2-D blur with that kernel, about 8x faster on
-    the CPU than one 17 x 17 pass; rounded to uint8 once, at the end). Boxes pass through."""
+    over a kernel of ``2 * ceil(3 sigma) + 1`` taps, one axis at a time
+    (:func:`gaussian_blur_axis`: the Gaussian is separable, so this is v2's 2-D
+    ``TF.gaussian_blur`` with that kernel to float rounding, about 10x faster on the CPU than
+    its one 17 x 17 pass; rounded to uint8 once, at the end). Boxes pass through."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image):
@@ -186,8 +205,7 @@ class RandomBlur(_SigmaPerImage):
         sigma = params["sigma"]
         taps = 2 * int(np.ceil(3 * sigma)) + 1
         image = inpt.as_subclass(Tensor)
-        out = TF.gaussian_blur(image.float(), [taps, 1], [sigma, sigma])
-        out = TF.gaussian_blur(out, [1, taps], [sigma, sigma])
+        out = gaussian_blur_axis(gaussian_blur_axis(image.float(), sigma, taps, -2), sigma, taps, -1)
         if not image.is_floating_point():
             out = out.round_().clamp_(0, 255).to(image.dtype)
         return tv_tensors.wrap(out, like=inpt)
