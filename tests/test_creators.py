@@ -6,7 +6,7 @@ from torchvision.ops import box_iou
 
 from fasterrcnn.anchors import AnchorGenerator, grid_anchors
 from fasterrcnn.boxes import BoxCoder, inside_image
-from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator, subsample_labels
+from fasterrcnn.creators import AnchorTargetCreator, ProposalCreator, ProposalTargetCreator, _rank, smallest, subsample_labels
 from fasterrcnn.matcher import BEST_IOU_RTOL
 
 
@@ -29,6 +29,15 @@ def test_subsample_labels_few_positives_more_negatives():
     out = subsample_labels(labels, num_samples=256, positive_fraction=0.5)
     assert int((out == 1).sum()) == 10
     assert int((out == 0).sum()) == 246
+
+
+def test_smallest_is_the_rank_rule():
+    """topk on the CPU keeps the same keys as ranking them all (the rule every device uses)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randperm(30000, generator=g).float() / 30000  # distinct keys
+    for k in (0, 1, 255, 29999, 30000, 40000, torch.tensor(128)):
+        assert torch.equal(smallest(keys, k), _rank(keys) < k), k
+    assert smallest(keys, 300).sum() == 300
 
 
 def test_subsample_labels_is_uniform_over_positives():

@@ -33,12 +33,26 @@ def _rank(keys: Tensor) -> Tensor:
     return rank
 
 
+def smallest(keys: Tensor, k: Tensor | int) -> Tensor:
+    """``(N,)`` bool: the ``k`` smallest of ``keys (N,)`` (all of them when ``k >= N``).
+
+    On the CPU ``topk`` (about 35x faster than sorting 30k anchor keys, which cost 3.5 ms of a
+    training step); elsewhere the rank under a full sort, which needs no host-side ``k``."""
+    if keys.device.type != "cpu":
+        return _rank(keys) < k
+    k = max(0, min(int(k), keys.numel()))
+    mask = torch.zeros(keys.shape, dtype=torch.bool)
+    mask[keys.topk(k, largest=False, sorted=False).indices] = True
+    return mask
+
+
 def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float) -> Tensor:
     """Randomly keep at most ``int(num_samples * positive_fraction)`` positives (label >= 1) and
     fill the rest of ``num_samples`` with negatives (label 0); all others become -1 (ignored).
 
     Uniform sampling without replacement, as ``numpy.random.choice(..., replace=False)`` in the
-    reference, but with random keys instead of a host-side count.
+    reference, but with random keys instead of a host-side count: the positives (negatives)
+    with the smallest keys are kept.
 
     Args:
         labels: ``(N,)`` int64, -1 ignore, 0 negative, >= 1 positive.
@@ -49,9 +63,9 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float)
     negative = labels == 0
     keys = torch.rand(labels.shape, device=labels.device)
     max_positive = int(num_samples * positive_fraction)
-    keep_positive = positive & (_rank(torch.where(positive, keys, 2.0)) < max_positive)
+    keep_positive = positive & smallest(torch.where(positive, keys, 2.0), max_positive)
     num_negative = num_samples - keep_positive.sum()
-    keep_negative = negative & (_rank(torch.where(negative, keys, 2.0)) < num_negative)
+    keep_negative = negative & smallest(torch.where(negative, keys, 2.0), num_negative)
     return torch.where(keep_positive | keep_negative, labels, labels.new_full((), -1))
 
 
