@@ -222,7 +222,7 @@ EXPERIMENTS = {
     "voc07_vgg16": ("voc2007", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc0712_vgg16": ("voc0712", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc07_resnet101": ("voc2007", "resnet101", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
-    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 5, [4], "val"),
+    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 6, [5], "val"),
     "cpu_anchor_study": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 2, [1], "val"),
 }
 
