@@ -7,16 +7,20 @@
     python src/train.py experiment=voc07_vgg16         # the paper's recipe on VOC2007
 """
 
-import logging
-import math
+import time
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+STARTED: float | None = time.time()  # before the imports: metrics.json's startup counts from here
 
-from fasterrcnn.sweeps import USES, objective
-from fasterrcnn.training import train
+import logging  # noqa: E402
+import math  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fasterrcnn.sweeps import USES, objective  # noqa: E402
+from fasterrcnn.training import train  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +30,16 @@ def main(cfg: DictConfig) -> float:
     """Returns the value a Hydra sweeper optimises: val/map of metrics.json's ``final`` (the last
     model) or, with ``objective=best``, of ``best`` (chosen on the validations it is scored on, so
     optimistic); -inf for a failed multirun job."""
+    global STARTED
     if cfg.objective not in USES:  # before training, not after it
         raise ValueError(f"objective must be one of {', '.join(USES)}, not {cfg.objective!r}")
+    # The first job of the process counts its startup from the script's first line (a shell's
+    # `bash -c "... && python src/train.py"` execs python in a process that began earlier, so
+    # the process's own start time would count the commands before it); later multirun jobs
+    # from their own start.
+    started, STARTED = STARTED or time.time(), None
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, started=started)
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,9 @@ def test_cli_multirun_gives_each_job_its_own_metrics_and_wandb_run(tmp_path, dat
         assert run.exit_code == 0 and run.group == "sweep"
         assert run.name.startswith(f"{job}:") and f"anchor={anchor}" in run.name
         assert "wandb sync" in proc.stdout
+    # each job's startup counts from its own start, not the process's (which ran job 0 before)
+    first, second = (json.loads(f.read_text())["time_s"] for f in files)
+    assert second["startup"] < first["total"] and second["total"] < first["total"] + second["training"] + second["validation"] + second["startup"] + 0.1
 
 
 def test_a_failing_multirun_job_is_recorded_and_the_sweep_goes_on(tmp_path, data_dir):
@@ -100,10 +105,18 @@ def test_a_failing_multirun_job_is_recorded_and_the_sweep_goes_on(tmp_path, data
 
 
 def test_cli_single_run_default_output_folder(tmp_path, data_dir):
-    proc = _run(["anchor=k9", "sampler=default", f"paths.data_dir={data_dir}", "logger=none", *SMALL_DATA, *TINY_NET, *FEW_STEPS], cwd=tmp_path)
+    # run as `bash -c "sleep 3; exec python src/train.py ..."` does: python in a process that began
+    # 3 s before it; metrics.json's time_s counts from src/train.py's first line, not from there
+    args = ["anchor=k9", "sampler=default", f"paths.data_dir={data_dir}", "logger=none", *SMALL_DATA, *TINY_NET, *FEW_STEPS]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, str(REPO / "src" / "train.py"), *args])
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    begun = time.time()
+    proc = subprocess.run(["bash", "-c", f"sleep 3; exec {command}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    wall = time.time() - begun
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list((tmp_path / "outputs" / "runs").glob("*/*/metrics.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["status"] == "completed"
+    assert json.loads(files[0].read_text())["time_s"]["total"] < wall - 2.5
     assert (files[0].parent / "checkpoints" / "last.ckpt").is_file()
     # Lightning's "`weights_only` was not set, defaulting to `False`" at every save (a save-side
     # flag, unrelated to torch.load's) is gone: fasterrcnn.checkpointing.save_full_checkpoint

@@ -15,9 +15,9 @@ Keys (stable; documented in the README):
 * ``epochs``, ``steps``: training progress when the file was written;
 * ``train_time_s``: wall-clock seconds of training (all parts of a resumed run);
 * ``threads``: the CPU threads the run used (``threads=auto``: :mod:`fasterrcnn.threads`);
-* ``time_s``: the wall clock split into ``startup`` (process start to the fit: imports, data
+* ``time_s``: the wall clock split into ``startup`` (the run's start, ``src/train.py``'s first line, to the fit: imports, data
   generation, checks), ``training`` (the training loop less its validations), ``validation``
-  (every validation loop) and ``total`` (the process so far);
+  (every validation loop) and ``total`` (since the run's start);
 * ``skipped_steps``: steps skipped for a non-finite loss (``fault.on_nonfinite_loss=skip``);
 * ``skipped_samples``: bad samples left out under ``data.on_bad_sample=skip``, per stage and
   problem kind, ``{"train": {"missing_image": 2, "unreadable_image": 1}, "val": {}, "test": {}}``

@@ -123,8 +123,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return path
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, started: float | None = None) -> dict:
     """Train and validate Faster R-CNN as ``cfg`` says; returns the contents of ``metrics.json``.
+
+    ``started``: when this run began (epoch seconds; ``src/train.py``: its first line), from which
+    ``metrics.json``'s ``time_s`` counts ``startup`` and ``total``; default: the process's start.
 
     Writes into ``cfg.paths.output_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (best by
     ``val/map``, or the latest under ``selection=none``, and last), the loggers' folders and ``metrics.json``.
@@ -146,6 +149,8 @@ def train(cfg: DictConfig) -> dict:
     metrics = next((cb for cb in callbacks.values() if isinstance(cb, MetricsFile)), None)
     if metrics is None:
         raise ValueError("callbacks: a fasterrcnn.metrics_file.MetricsFile is required (train() returns metrics.json; sweeps read it)")
+    if started is not None:
+        metrics.process_start = started
     metrics.write()
     loggers: list[Logger] = []
     threads_before = torch.get_num_threads()
