@@ -5,6 +5,7 @@
     python scripts/bench.py --threads 1 '~experiment' backbone=vgg16 data.min_size=600 data.max_size=1000 \\
         --image-size 600 1000 --repeats 3                     # VGG16 with the paper's anchors and sampler
     python scripts/bench.py --threads 1 trainer.precision=bf16-mixed model.channels_last=false
+    python scripts/bench.py --busy-steps 25                   # + the thread policy on a busy machine (idle machine only)
 
 Arguments that are not options below are Hydra overrides of conf/train.yaml; '~experiment' drops
 the CPU default's experiment. On a machine shared with other processes use --threads 1.
@@ -38,9 +39,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="the JSON file (default outputs/bench/<time>/bench.json)")
     p.add_argument("--map-ckpt", help="also: validation mAP of this trained checkpoint in fp32 and under bf16 autocast")
+    p.add_argument("--busy-steps", type=int, default=0, help="also: this many training steps idle and beside a competing CPU-bound process (threads=auto, then all threads); 0: skip")
     args, overrides = parse_script_args(p, argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.busy_steps < 0:
+        p.error("--busy-steps must be 0 or more")
     if args.map_ckpt and not os.path.isfile(args.map_ckpt):
         p.error(f"--map-ckpt {args.map_ckpt}: no such file")
     return run(overrides, SpeedOptions(**vars(args)), log=lambda msg: print(msg, flush=True))

@@ -21,6 +21,9 @@ SMALL_DATA = [
     "data.builtin.num_test_shift=8",
     "data.num_workers=0",
 ]
+# Training runs of the tests validate after every epoch (the default run: every second one; the
+# tests' runs are an epoch or two long).
+EVERY_EPOCH = ["trainer.check_val_every_n_epoch=1"]
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -38,7 +41,7 @@ def make_cfg(tmp_path, data_dir):
     """``make_cfg([...overrides])``: the real training config on small data, writing to tmp_path."""
 
     def _make(overrides: list[str] | None = None, small_data: bool = True) -> DictConfig:
-        base = [f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", "logger=none"]
+        base = [f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={data_dir}", "logger=none", *EVERY_EPOCH]
         return compose_config(base + (SMALL_DATA if small_data else []) + list(overrides or []))
 
     return _make

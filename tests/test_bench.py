@@ -46,8 +46,10 @@ def bench(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     overrides = [*TINY, *SMALL_DATA, f"paths.data_dir={data_dir}", "model.channels_last=true"]
     lines: list[str] = []
-    options = SpeedOptions(repeats=2, warmup=0, image_size=[96, 128], data_images=2, out=str(out))
+    options = SpeedOptions(repeats=2, warmup=0, image_size=[96, 128], data_images=2, out=str(out), busy_steps=2)
+    threads = torch.get_num_threads()
     result = run(overrides, options, log=lines.append)
+    assert torch.get_num_threads() == threads  # the busy-machine part restores it
     return {"result": result, "json": json.loads(out.read_text()), "log": "\n".join(lines), "options": options}
 
 
@@ -60,6 +62,7 @@ def test_bench_writes_what_it_returns_and_prints_the_table(bench):
         "outside them",
         "images/s delivered",
         "peak RSS growth",
+        "busy machine (one competing process): threads=auto",
     ):
         assert line in bench["log"]
     result = bench["result"]
@@ -123,6 +126,35 @@ def test_bench_data_and_memory_figures(bench):
     for m in result["memory"].values():
         assert m["peak_rss_mib"] >= m["rss_after_build_mib"] > 0
         assert m["peak_growth_mib"] == pytest.approx(m["peak_rss_mib"] - m["rss_after_build_mib"])
+
+
+def test_bench_busy_machine_figures(bench):
+    from fasterrcnn.threads import DEFAULT_THREADS
+
+    busy = bench["result"]["busy"]
+    for name in ("idle", "busy", "busy_all_threads"):
+        part = busy[name]
+        assert len(part["runs_s"]) == 2 and part["step_s"] == statistics.median(part["runs_s"]) > 0
+        assert 1 <= part["threads"] <= DEFAULT_THREADS
+    assert busy["busy_all_threads"]["threads"] == DEFAULT_THREADS and busy["busy"]["threads"] <= busy["idle"]["threads"]
+    assert busy["busy_ratio"] == busy["busy"]["step_s"] / busy["idle"]["step_s"]
+    assert busy["unmanaged_ratio"] == busy["busy_all_threads"]["step_s"] / busy["idle"]["step_s"]
+
+
+def test_busy_machine_kills_its_competing_process(bench_batch):
+    from fasterrcnn.bench.busy import busy_machine, competing_process
+
+    started = []
+
+    def compete():
+        started.append(competing_process())
+        return started[-1]
+
+    model = _tiny_model()
+    busy_machine(Contender("ours", model, "ours", bench_batch), steps=1, warmup=0, threads=1, log=lambda _: None, compete=compete)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)  # both loaded parts, each stopped after
+    with pytest.raises(ValueError, match="steps"):
+        busy_machine(Contender("ours", model, "ours", bench_batch), steps=0)
 
 
 def test_bench_rejects_unknown_options(tmp_path):

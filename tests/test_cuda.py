@@ -177,9 +177,11 @@ def _gpu_nms(boxes, scores, thresh, k):
 
 
 def _gpu_branch(monkeypatch):
-    """ProposalCreator's GPU branch on CPU tensors: the CPU branch's nms_topk is CPU-only and
-    makes syncs that never run on a GPU."""
+    """The creators' GPU branches on CPU tensors: the CPU branches' nms_topk (ProposalCreator)
+    and topk with a host-side count (``smallest``, the samplers) are CPU-only and make syncs
+    that never run on a GPU."""
     monkeypatch.setattr(fasterrcnn.creators, "nms_topk", _gpu_nms)
+    monkeypatch.setattr(fasterrcnn.creators, "smallest", lambda keys, k: fasterrcnn.creators._rank(keys) < k)
 
 
 def _batch(device="cpu", n=2) -> DetectionBatch:

@@ -76,6 +76,13 @@ def table(result: dict) -> str:
     if "data" in result:
         d = result["data"]
         lines.append(f"data: {d['images_per_s']:.1f} images/s delivered, {d['train_steps_per_s']:.2f} steps/s trained (x{d['ratio']:.1f})")
+    if "busy" in result:
+        b = result["busy"]
+        lines.append(
+            f"busy machine (one competing process): threads={b['policy']} {b['busy']['step_s'] * 1000:.1f} ms with {b['busy']['threads']} thread(s) "
+            f"against {b['idle']['step_s'] * 1000:.1f} ms idle with {b['idle']['threads']} (x{b['busy_ratio']:.2f}); all "
+            f"{b['busy_all_threads']['threads']} threads {b['busy_all_threads']['step_s'] * 1000:.1f} ms (x{b['unmanaged_ratio']:.2f})"
+        )
     m = result["machine"]
     lines.append(
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; load average (1, 5, 15 min) "

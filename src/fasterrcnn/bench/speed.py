@@ -21,7 +21,10 @@ contenders interleaved (:func:`~fasterrcnn.bench.harness.run_interleaved`):
   test-time proposals and detections (fp32, our memory layout) are from ours;
 * ``memory``: the peak RSS growth of each contender in a child process of its own;
 * ``data``: images per second the training loader delivers against our training steps per second;
-* ``bf16_map`` (with ``map_ckpt``): a trained checkpoint's validation mAP in fp32 and bf16.
+* ``bf16_map`` (with ``map_ckpt``): a trained checkpoint's validation mAP in fp32 and bf16;
+* ``busy`` (with ``busy_steps``): our training step idle and beside a competing CPU-bound
+  process, under ``threads=auto`` and with torch's default count
+  (:func:`~fasterrcnn.bench.busy.busy_machine`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class SpeedOptions:
     seed: int = 0
     out: str | None = None
     map_ckpt: str | None = None
+    busy_steps: int = 0
 
 
 def run(overrides: list[str], options: SpeedOptions, log: Log = print) -> dict:
@@ -109,6 +113,11 @@ def run(overrides: list[str], options: SpeedOptions, log: Log = print) -> dict:
         for key in ("train", "infer"):
             result[f"{key}_ratio_same_settings"] = result[f"{key}_s"]["ours"] / result[f"{key}_s"]["torchvision_same"]
 
+    if options.busy_steps > 0:
+        from fasterrcnn.bench.busy import busy_machine
+
+        log(f"a busy machine: {options.busy_steps} training steps idle, then beside a CPU-bound process (threads=auto, then all threads) ...")
+        result["busy"] = busy_machine(contenders[0], options.busy_steps, options.warmup, log=log)
     log("profiling our stages ...")
     result["split"] = time_split(contenders[0], batch, options.profile_steps, options.repeats)
     if options.data_images > 0:
