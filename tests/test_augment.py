@@ -383,3 +383,97 @@ def tv_image(image: torch.Tensor):
     from torchvision import tv_tensors
 
     return tv_tensors.Image(image)
+
+
+# ---------------------------------------------------------------------- mosaic
+def _piece(colour: tuple[int, int, int], box: tuple[int, int, int, int], size: tuple[int, int], label: int, difficult: bool):
+    """A grey ``size`` image with one rectangle of ``colour`` at ``box``, and its annotation."""
+    image = torch.full((3, *size), 128, dtype=torch.uint8)
+    x1, y1, x2, y2 = box
+    image[:, y1:y2, x1:x2] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+    return image, torch.tensor([box], dtype=torch.float32), torch.tensor([label]), torch.tensor([difficult])
+
+
+MOSAIC_PIECES = [  # colour, box, image size (H, W), label, difficult: four different shapes
+    ((255, 0, 0), (20, 30, 120, 90), (200, 260), 1, False),
+    ((0, 255, 0), (50, 10, 90, 150), (240, 160), 2, True),
+    ((0, 0, 255), (100, 60, 250, 140), (160, 300), 3, False),
+    ((255, 255, 0), (10, 10, 190, 190), (200, 200), 4, False),
+]
+
+
+def _find(image: torch.Tensor, colour: tuple[int, int, int]) -> torch.Tensor:
+    """The box of the pixels within 60 of ``colour`` in every channel."""
+    close = (image.int() - torch.tensor(colour)[:, None, None]).abs().max(0).values < 60
+    ys, xs = torch.nonzero(close, as_tuple=True)
+    return torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("centre", [(0.5, 0.5), (0.25, 0.7), (0.75, 0.3)])
+def test_mosaic_tiles_four_images_with_their_boxes(centre):
+    from fasterrcnn.data.augment import mosaic
+
+    pieces = [_piece(*p) for p in MOSAIC_PIECES]
+    image, boxes, labels, difficult = mosaic(pieces, centre)
+    assert image.dtype == torch.uint8 and image.shape == (3, 200, 260)  # the first piece's canvas
+    assert labels.tolist() == [1, 2, 3, 4] and difficult.tolist() == [False, True, False, False]
+    cx, cy = round(centre[0] * 260), round(centre[1] * 200)
+    quadrants = [(0, 0, cx, cy), (cx, 0, 260, cy), (0, cy, cx, 200), (cx, cy, 260, 200)]
+    for (colour, *_), box, (x0, y0, x1, y1) in zip(MOSAIC_PIECES, boxes, quadrants):
+        assert x0 - 1e-4 <= box[0] and box[2] <= x1 + 1e-4 and y0 - 1e-4 <= box[1] and box[3] <= y1 + 1e-4  # inside its quadrant
+        # a tile shrunk to a few pixels blurs its edges (antialiasing): a looser bound there
+        bound = 0.95 if min(box[2] - box[0], box[3] - box[1]) >= 20 else 0.8
+        assert float(box_iou(box[None].round(), _find(image, colour))) >= bound
+    # each tile keeps its aspect ratio and touches the centre
+    for (_, box, (h, w), *_), out in zip(MOSAIC_PIECES, boxes):
+        scale_x, scale_y = (out[2] - out[0]) / (box[2] - box[0]), (out[3] - out[1]) / (box[3] - box[1])
+        assert abs(scale_x / scale_y - 1) < 0.05
+
+
+def test_mosaic_of_images_without_boxes_and_bad_input():
+    from fasterrcnn.data.augment import mosaic
+
+    empty = (torch.zeros(3, 50, 60, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+    image, boxes, labels, difficult = mosaic([empty] * 4, (0.5, 0.5))
+    assert image.shape == (3, 50, 60) and boxes.shape == (0, 4) and labels.numel() == difficult.numel() == 0
+    with pytest.raises(ValueError, match="4 pieces"):
+        mosaic([empty] * 3, (0.5, 0.5))
+    with pytest.raises(ValueError, match="mosaic"):
+        Augment(mosaic=1.5)
+
+
+def test_mosaic_draws_partners_from_the_item_stream_and_nothing_when_off():
+    on, off = Augment(hflip=0.0, mosaic=1.0, rng="item"), Augment(hflip=0.0, rng="item")
+    first = on.draw_mosaic(100, item_generator(0, 3, 5))
+    assert first == on.draw_mosaic(100, item_generator(0, 3, 5)) and len(first) == 3 and all(0 <= i < 100 for i in first)
+    assert len({tuple(on.draw_mosaic(100, item_generator(0, e, 5))) for e in range(6)}) > 1
+    generator = item_generator(0, 0, 0)
+    state = generator.get_state()
+    assert off.draw_mosaic(100, generator) is None and torch.equal(generator.get_state(), state)  # no draw at all
+    drawn = [Augment(hflip=0.0, mosaic=0.3, rng="item").draw_mosaic(10, item_generator(0, 0, i)) is not None for i in range(400)]
+    assert 0.2 < sum(drawn) / 400 < 0.4
+
+
+def test_training_dataset_makes_mosaics_with_boxes_on_their_objects(data_dir):
+    """augment.mosaic=1 on the built-in data: every training item is a mosaic of four images
+    (about four times the objects), the same for the same (epoch, index), and each box still
+    lies on an object of its class's hue."""
+    from fasterrcnn import build
+
+    cfg = compose_with_augment([f"paths.data_dir={data_dir}", *SMALL_DATA, "augment=paper", "augment.mosaic=1.0", "augment.rng=item", "augment.hflip=0"], str(ROOT / "outputs" / "unused"))
+    datamodule = build.build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    plain = build.build_datamodule(compose_with_augment([f"paths.data_dir={data_dir}", *SMALL_DATA, "augment=paper", "augment.hflip=0"], str(ROOT / "outputs" / "unused")))
+    plain.prepare_data()
+    plain.setup("fit")
+    tiled, single = datamodule._dataset("train"), plain._dataset("train")
+    n = min(len(tiled), 12)
+    counts = [len(tiled.augmented(0, i)["boxes"]) for i in range(n)]
+    singles = [len(single.augmented(0, i)["boxes"]) for i in range(n)]
+    assert sum(counts) > 2.5 * sum(singles)
+    a, b = tiled.augmented(2, 3), tiled.augmented(2, 3)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+    assert a["image"].shape == single.augmented(2, 3)["image"].shape  # the canvas is the image's own size
+    item = tiled[(2, 3)]
+    assert item["image"].dtype == torch.float32 and len(item["boxes"]) == len(a["boxes"])

@@ -170,7 +170,7 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert cfg.model.rpn_mid_channels is None
     assert list(cfg.backbone.widths) == [32, 64, 128] and build_model(model_config(cfg), pretrained=False).stride == 8
     assert list(cfg.data.min_size) == [224, 256, 288, 320] and cfg.sampler.proposal.min_size == 4
-    assert cfg.augment.stretch == [0.5, 2.0] and cfg.augment.rng == "item"
+    assert cfg.augment.stretch == [0.5, 2.0] and cfg.augment.rng == "item" and cfg.augment.mosaic == 1.0
     paper = compose_config(BASE + ["anchor=k9", "sampler=default", "optim=sgd"])
     assert (paper.sampler.proposal.n_train_pre_nms, paper.sampler.proposal.n_train_post_nms) == (12000, 2000)
     assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer._target_ == "torch.optim.SGD"

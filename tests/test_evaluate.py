@@ -62,6 +62,22 @@ def test_eval_map_equals_independent_devkit_scoring_of_its_result_files(trained,
     assert "| circle |" in (tmp_path / "per_class.md").read_text()
 
 
+def _detections(results_dir: Path) -> int:
+    return sum(len(f.read_text().splitlines()) for f in results_dir.glob("comp4_det_val_*.txt"))
+
+
+def test_eval_nms_thresh_overrides_the_checkpoints(trained, tmp_path):
+    """``nms_thresh`` replaces the checkpoint's per-class NMS (0.3): 1.0 suppresses nothing,
+    so it keeps more detections; null keeps the checkpoint's."""
+    default = evaluate(_eval_cfg(trained, tmp_path / "default", ["split=val", "coco=false"]))
+    same = evaluate(_eval_cfg(trained, tmp_path / "same", ["split=val", "coco=false", "nms_thresh=0.3"]))
+    loose = evaluate(_eval_cfg(trained, tmp_path / "loose", ["split=val", "coco=false", "nms_thresh=1.0"]))
+    assert same["metrics"]["val/map"] == default["metrics"]["val/map"]
+    assert _detections(tmp_path / "same" / "results") == _detections(tmp_path / "default" / "results")
+    assert _detections(tmp_path / "loose" / "results") > _detections(tmp_path / "default" / "results")
+    assert loose["metrics"]["val/recall/300@0.5"] == default["metrics"]["val/recall/300@0.5"]  # the proposals are the RPN's
+
+
 def test_eval_cli_writes_into_its_own_folder_and_rejects_foreign_data(trained, tmp_path):
     out = tmp_path / "cli"
     args = [sys.executable, str(REPO / "src" / "eval.py"), f"ckpt_path={trained['ckpt']}", f"paths.data_dir={trained['data_dir']}",

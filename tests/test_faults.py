@@ -40,8 +40,9 @@ RUN = [
 ]
 EPOCH, STEPS = 8, 16
 # The kill-and-resume runs: the paper's flip (torch's global generator, seeded per batch), and
-# strong augmentation with multi-scale sizes (every draw from its (seed, epoch, index) stream).
-AUGMENT = {"paper": [], "strong": ["augment=strong", "data.min_size=[112,128,144]"]}
+# strong augmentation with mosaics and multi-scale sizes (every draw, the mosaic's partners too,
+# from its (seed, epoch, index) stream).
+AUGMENT = {"paper": [], "strong": ["augment=strong", "augment.mosaic=0.5", "data.min_size=[112,128,144]"]}
 
 
 def _cfg(tmp_path: Path, data_dir: str, name: str, extra: list[str] = ()):

@@ -72,7 +72,12 @@ def evaluate(cfg: DictConfig) -> dict:
     for batch in tqdm(loader, desc=f"evaluating {cfg.data.name} {image_set}", unit="img"):
         batch = batch.to(device)
         outputs = model.predict(
-            batch.images, batch.image_sizes, batch.original_sizes, return_proposals=metrics.recall is not None, num_proposals=metrics.max_proposals
+            batch.images,
+            batch.image_sizes,
+            batch.original_sizes,
+            return_proposals=metrics.recall is not None,
+            num_proposals=metrics.max_proposals,
+            nms_thresh=cfg.get("nms_thresh"),
         )
         metrics.update_batch(outputs, batch)
         image_ids += batch.image_ids

@@ -2,8 +2,10 @@
 grid (``python scripts/show_augment.py``).
 
 The first tile is the image as annotated; tile ``k`` (1-based) is the draw of epoch ``k - 1``
-for that image, :func:`fasterrcnn.data.augment.item_generator` ``(seed, k - 1, index)``, followed
-by the training rescaling (a size drawn from ``data.min_size`` when it is a list). Under
+for that image, :func:`fasterrcnn.data.augment.item_generator` ``(seed, k - 1, index)``, made by
+the training dataset itself (:meth:`fasterrcnn.data.dataset.DetectionDataset.augmented`: the
+mosaic, the augmentation and the training size drawn from ``data.min_size``), so a tile is what
+that epoch of a run trains on. Under
 ``rng: global`` (``augment=paper``) training draws from torch's global generator instead, so
 the tiles show the same kind of draws, not the very ones of a run. Boxes are drawn in their
 class's colour, difficult ones in grey.
@@ -23,8 +25,9 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from fasterrcnn import build
-from fasterrcnn.data.augment import Augment, build_augment, draw_min_size, item_generator
-from fasterrcnn.data.transforms import resize
+from fasterrcnn.data.augment import build_augment
+from fasterrcnn.data.dataset import DetectionDataset
+from fasterrcnn.data.transforms import hflip, resize
 from fasterrcnn.data.voc import VOCDetection
 
 # One colour a class (tab10 without grey, which marks difficult objects).
@@ -42,30 +45,19 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor, difficult: Tensor, 
     return draw_bounding_boxes(image, boxes, labels=names, colors=colors, width=2)
 
 
-def augment_grid(
-    image: Tensor,
-    boxes: Tensor,
-    labels: Tensor,
-    difficult: Tensor,
-    augment: Augment,
-    num: int = 8,
-    seed: int = 0,
-    index: int = 0,
-    min_size: int | Sequence[int] | None = None,
-    max_size: int = 1000,
-    class_names: Sequence[str] | None = None,
-    columns: int = 3,
-) -> Tensor:
-    """A uint8 ``(3, H, W)`` grid: the annotated image, then ``num`` draws of ``augment`` (module
-    docstring), each rescaled as in training when ``min_size`` is given, tiles padded to the
-    largest."""
-    tiles = [draw_boxes(image, boxes, labels, difficult, class_names)]
+def augment_grid(dataset: DetectionDataset, index: int = 0, num: int = 8, class_names: Sequence[str] | None = None, columns: int = 3) -> Tensor:
+    """A uint8 ``(3, H, W)`` grid: image ``index`` of the training ``dataset`` as annotated, then
+    as training draws it in epochs ``0 .. num - 1`` (:meth:`DetectionDataset.augmented`: the
+    augmentation, a mosaic when ``augment.mosaic`` draws one, the training size), tiles padded to
+    the largest."""
+    item = dataset.voc[index]
+    tiles = [draw_boxes(item["image"], item["boxes"], item["labels"], item["difficult"], class_names)]
     for epoch in range(num):
-        generator = item_generator(seed, epoch, index)
-        out, out_boxes, out_labels, out_difficult = augment(image, boxes, labels, difficult, generator)
-        if min_size is not None:
-            out, out_boxes = resize(out, out_boxes, draw_min_size(min_size, generator), max_size)
-        tiles.append(draw_boxes(out, out_boxes, out_labels, out_difficult, class_names))
+        drawn = dataset.augmented(epoch, index)
+        out, out_boxes = resize(drawn["image"], drawn["boxes"], drawn["spec"].min_size, drawn["spec"].max_size)
+        if drawn["flip"]:
+            out, out_boxes = hflip(out, out_boxes)
+        tiles.append(draw_boxes(out, out_boxes, drawn["labels"], drawn["difficult"], class_names))
     height, width = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
     canvas = torch.full((len(tiles), 3, height, width), 255, dtype=torch.uint8)
     for i, tile in enumerate(tiles):
@@ -105,10 +97,9 @@ def show_augment(cfg: DictConfig, out: str | Path, split: str = "train", index: 
     voc = VOCDetection(root, split_name, datamodule.classes)
     if not 0 <= index < len(voc):
         raise ValueError(f"--index {index} is out of range: {root} {split_name} has {len(voc)} images")
-    item = voc[index]
-    grid = augment_grid(
-        item["image"], item["boxes"], item["labels"], item["difficult"], build_augment(cfg.augment), num=num,
-        seed=int(cfg.seed if seed is None else seed), index=index, min_size=build.to_value(cfg.data.min_size),
-        max_size=int(cfg.data.max_size), class_names=datamodule.classes, columns=columns,
+    dataset = DetectionDataset(
+        voc, build.to_value(cfg.data.min_size), int(cfg.data.max_size), datamodule.mean, datamodule.std,
+        augment=build_augment(cfg.augment), seed=int(cfg.seed if seed is None else seed),
     )
+    grid = augment_grid(dataset, index=index, num=num, class_names=datamodule.classes, columns=columns)
     return save_png(grid, out)

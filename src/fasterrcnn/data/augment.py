@@ -15,6 +15,11 @@ geometry. The choices (``conf/augment/``):
   the boxes) and a noise strength drawn per image (``noise_sigma: [min, max]``,
   :class:`RandomNoise`) are parameters any choice can set.
 
+``mosaic`` (YOLOv4's mosaic, :func:`mosaic`) can be added to any choice: with that probability an
+image is tiled with three other training images, each shrunk into one quadrant around a random
+centre, before the rest of the augmentation runs on the tiled image: more objects per image,
+smaller ones, and several scenes side by side (``augment=robust`` uses it on half the images).
+
 ``vflip`` and ``rot90`` (for overhead or microscopy images, where up is arbitrary) can be added to
 any choice: ``augment.vflip=0.5 augment.rot90=true``.
 
@@ -241,6 +246,54 @@ def _range(name: str, value: Sequence[float], low: float) -> tuple[float, float]
     return lo, hi
 
 
+# ---------------------------------------------------------------------- mosaic
+MOSAIC_CENTRE = (0.25, 0.75)  # the tiles' common corner, a fraction of each side, drawn uniformly
+MOSAIC_PARTNERS = 3  # the other images of a mosaic
+
+
+def mosaic(
+    pieces: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], centre: tuple[float, float], fill: Sequence[int] = MEAN_FILL
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Four images tiled around a common corner (YOLOv4's mosaic, without its crop).
+
+    Args:
+        pieces: four ``(image (3, H_k, W_k) uint8, boxes (G_k, 4), labels (G_k,), difficult (G_k,))``,
+            boxes continuous x1y1x2y2 in their image; the first sets the canvas, ``(H_0, W_0)``.
+        centre: ``(x, y)`` of the corner the four tiles share, as fractions of ``W_0`` and ``H_0``.
+        fill: the RGB (uint8) of the canvas a tile leaves uncovered.
+
+    Returns:
+        the canvas ``(3, H_0, W_0)`` uint8 and all ``G_0 + ... + G_3`` boxes in it, with their
+        labels and flags in the order of ``pieces``. Piece k fills quadrant k (top left, top
+        right, bottom left, bottom right of the centre), shrunk or grown with its aspect kept
+        (``TF.resize``, which scales its boxes) to the largest size that fits, and is pushed
+        against the centre; its boxes then move by the tile's offset. No part of an image is
+        cut, so no box is cut or dropped.
+    """
+    if len(pieces) != 1 + MOSAIC_PARTNERS:
+        raise ValueError(f"mosaic: {1 + MOSAIC_PARTNERS} pieces, not {len(pieces)}")
+    height, width = pieces[0][0].shape[-2:]
+    cx, cy = max(1, min(width - 1, round(centre[0] * width))), max(1, min(height - 1, round(centre[1] * height)))
+    canvas = torch.tensor(list(fill), dtype=torch.uint8).view(3, 1, 1).expand(3, height, width).clone()
+    regions = ((0, 0, cx, cy), (cx, 0, width, cy), (0, cy, cx, height), (cx, cy, width, height))  # x0, y0, x1, y1
+    out_boxes = []
+    for (image, boxes, _, _), (x0, y0, x1, y1), k in zip(pieces, regions, range(4)):
+        h, w = image.shape[-2:]
+        scale = min((x1 - x0) / w, (y1 - y0) / h)
+        size = [max(1, min(y1 - y0, round(h * scale))), max(1, min(x1 - x0, round(w * scale)))]
+        tile, tile_boxes = TF.resize(
+            tv_tensors.Image(image), size, antialias=True
+        ), TF.resize(tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(h, w)), size)
+        # against the centre: the left tiles end at cx, the top ones at cy
+        left = x1 - size[1] if k in (0, 2) else x0
+        top = y1 - size[0] if k in (0, 1) else y0
+        canvas[:, top : top + size[0], left : left + size[1]] = tile.as_subclass(Tensor)
+        out_boxes.append(tile_boxes.as_subclass(Tensor) + torch.tensor([left, top, left, top], dtype=torch.float32))
+    labels = torch.cat([p[2] for p in pieces])
+    difficult = torch.cat([p[3] for p in pieces])
+    return canvas, torch.cat(out_boxes).reshape(-1, 4), labels, difficult
+
+
 class Augment:
     """The training augmentation of one ``conf/augment/*.yaml``: a ``v2.Compose`` built once.
 
@@ -268,6 +321,9 @@ class Augment:
         iou_crop: probability of ``v2.RandomIoUCrop`` (SSD: a crop of 0.3 to 1 of each side
             whose IoU with some box reaches a threshold drawn from 0 to 0.9, or no crop, one
             time in seven).
+        mosaic: probability that an image becomes a mosaic (:func:`mosaic`) of itself and
+            ``MOSAIC_PARTNERS`` other training images drawn uniformly, before every other
+            transform. The dataset reads the partners (:meth:`draw_mosaic`); 0: never, no draw.
         fill: the RGB (uint8) of the canvas outside the image (default: the ImageNet mean).
         min_box_size: the box-dropping rule (module docstring), in pixels of the original image.
         rng: ``"global"`` (draws from torch's global generator: the paper's flip, as always
@@ -299,6 +355,7 @@ class Augment:
         zoom_out: float = 0.0,
         zoom_out_max: float = 2.0,
         iou_crop: float = 0.0,
+        mosaic: float = 0.0,
         fill: Sequence[int] = MEAN_FILL,
         min_box_size: float = 2.0,
         rng: str = "global",
@@ -314,6 +371,8 @@ class Augment:
         self.params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.rng = rng
         self.min_box_size = float(min_box_size)
+        self.mosaic = _prob("mosaic", mosaic)
+        self.fill = fill
         steps: list[v2.Transform] = []
         if _prob("hflip", hflip) > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
@@ -366,7 +425,8 @@ class Augment:
         generator, nothing else): the dataset then flips after resizing, as the reference does,
         so the flipped boxes are its numbers to the last bit (flipping first rounds differently)."""
         off = {"vflip": 0.0, "rot90": False, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
-               "blur": 0.0, "noise": 0.0, "stretch": None, "scale_jitter": None, "zoom_out": 0.0, "iou_crop": 0.0}  # fmt: skip
+               "blur": 0.0, "noise": 0.0, "stretch": None, "scale_jitter": None, "zoom_out": 0.0, "iou_crop": 0.0,
+               "mosaic": 0.0}  # fmt: skip
         return self.rng == "global" and all(self.params[k] == v for k, v in off.items())
 
     @property
@@ -375,12 +435,28 @@ class Augment:
         ``(seed, epoch, index)``, so it must know the epoch of each image it loads."""
         return self.rng == "item"
 
+    def draw_mosaic(self, num_images: int, generator: torch.Generator | None = None) -> list[int] | None:
+        """Whether this image becomes a mosaic, and with which others: ``MOSAIC_PARTNERS``
+        indices in ``[0, num_images)`` drawn uniformly (with replacement), or None. Draws from
+        ``generator`` (None: the global one), and nothing at all when ``mosaic`` is 0."""
+        if self.mosaic <= 0:
+            return None
+        if not bool(torch.rand((), generator=generator) < self.mosaic):
+            return None
+        return torch.randint(num_images, (MOSAIC_PARTNERS,), generator=generator).tolist()
+
+    def mosaic_centre(self, generator: torch.Generator | None = None) -> tuple[float, float]:
+        """The centre of a mosaic (:data:`MOSAIC_CENTRE`), ``(x, y)`` fractions."""
+        lo, hi = MOSAIC_CENTRE
+        x, y = (lo + torch.rand(2, generator=generator) * (hi - lo)).tolist()
+        return x, y
+
     def replace(self, **changes: Any) -> Augment:
         """The same augmentation with some arguments changed (``replace(hflip=0.0)``)."""
         return Augment(**{**self.params, **changes})
 
     def __repr__(self) -> str:
-        return f"Augment(rng={self.rng!r}, min_box_size={self.min_box_size}, cuts_boxes={self.cuts_boxes},\n  {self.transforms})"
+        return f"Augment(rng={self.rng!r}, mosaic={self.mosaic}, min_box_size={self.min_box_size}, cuts_boxes={self.cuts_boxes},\n  {self.transforms})"
 
     def __call__(
         self, image: Tensor, boxes: Tensor, labels: Tensor, difficult: Tensor, generator: torch.Generator | None = None

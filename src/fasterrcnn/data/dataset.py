@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch.utils.data import Dataset
 
-from fasterrcnn.data.augment import Augment, draw_min_size, eval_min_size, item_generator
+from fasterrcnn.data.augment import Augment, draw_min_size, eval_min_size, item_generator, mosaic
 from fasterrcnn.data.transforms import Preprocess, prepare
 from fasterrcnn.data.voc import DatasetError
 
@@ -99,8 +99,11 @@ class DetectionDataset(Dataset):
                 skipped.append((self.stage, getattr(err, "kind", None) or "other", str(err)))
         raise DatasetError(f"{len(skipped)} samples in a row cannot be read (data.on_bad_sample=skip); the last: {skipped[-1][2]}")
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
+    def augmented(self, epoch: int, index: int) -> dict:
+        """Image ``index`` as training draws it in ``epoch``, before :func:`prepare`: ``image``
+        (uint8 ``(3, H, W)``, augmented), ``boxes``, ``labels``, ``difficult``, ``flip`` (the
+        paper's flip, done after the resize), ``spec`` (the :class:`Preprocess` with this image's
+        size), ``image_id`` and ``skipped``. What ``scripts/show_augment.py`` draws."""
         item, skipped = self._read(index)
         image, boxes, labels, difficult = item["image"], item["boxes"], item["labels"], item["difficult"]
         # rng: item: one stream per (seed, epoch, index), whatever process reads it; otherwise
@@ -111,17 +114,30 @@ class DetectionDataset(Dataset):
             # augment=paper: the reference's resize-then-flip, the same one draw as torch.rand(1)
             flip = self.augment.hflip > 0 and bool(torch.rand(()) < self.augment.hflip)
         elif self.augment is not None:
+            partners = self.augment.draw_mosaic(len(self), generator)
+            if partners is not None:  # augment.mosaic: tiled with three other images, then augmented
+                pieces = [(image, boxes, labels, difficult)]
+                for other in partners:
+                    read, more = self._read(other)
+                    pieces.append((read["image"], read["boxes"], read["labels"], read["difficult"]))
+                    skipped += more
+                image, boxes, labels, difficult = mosaic(pieces, self.augment.mosaic_centre(generator), self.augment.fill)
             image, boxes, labels, difficult = self.augment(image, boxes, labels, difficult, generator)
-        original_size, original_boxes = tuple(image.shape[-2:]), boxes
         spec = self.preprocess if isinstance(self.min_size, int) else replace(self.preprocess, min_size=draw_min_size(self.min_size, generator))
-        image, boxes = prepare(image, boxes, spec, flip=flip)
+        return {"image": image, "boxes": boxes, "labels": labels, "difficult": difficult, "flip": flip, "spec": spec,
+                "image_id": item["image_id"], "skipped": skipped}  # fmt: skip
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
+        item = self.augmented(epoch, index)
+        image, boxes = prepare(item["image"], item["boxes"], item["spec"], flip=item["flip"])
         return {
             "image": image,
             "boxes": boxes,
-            "labels": labels,
-            "difficult": difficult,
-            "original_boxes": original_boxes,
-            "original_size": original_size,
+            "labels": item["labels"],
+            "difficult": item["difficult"],
+            "original_boxes": item["boxes"],
+            "original_size": tuple(item["image"].shape[-2:]),
             "image_id": item["image_id"],
-            "skipped": skipped,
+            "skipped": item["skipped"],
         }
