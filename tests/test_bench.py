@@ -269,6 +269,25 @@ def test_nms_topk_empty():
     assert nms_topk(torch.zeros(0, 4), torch.zeros(0), 0.7, 10).shape == (0,)
 
 
+def test_proposal_creator_takes_nms_topk_for_few_kept_or_many_boxes(monkeypatch):
+    """6000 -> 300 (testing) and 6000 -> 2000 (recall@2000) run nms_topk, 2000 -> 500 (the
+    default training counts) torchvision's kernel; the proposals are the same either way."""
+    from fasterrcnn.creators import ProposalCreator, nms_topk_is_faster
+
+    assert nms_topk_is_faster(6000, 300) and nms_topk_is_faster(6000, 2000) and nms_topk_is_faster(12000, 2000)
+    assert not nms_topk_is_faster(2000, 500) and not nms_topk_is_faster(3000, 2000)
+    calls = []
+    monkeypatch.setattr(fasterrcnn.creators, "nms_topk", lambda *a: calls.append(a[3]) or nms_topk(*a))
+    g = torch.Generator().manual_seed(0)
+    anchors = _clustered_boxes(6000, g, grid=False)
+    deltas, scores = torch.randn(6000, 4, generator=g) * 0.1, torch.rand(6000, generator=g)
+    creator = ProposalCreator(n_test_pre_nms=6000, n_test_post_nms=300, min_size=0)
+    fast = creator(deltas, scores, anchors, (600, 800), training=False, n_post_nms=2000)
+    assert calls == [2000]
+    monkeypatch.setattr(fasterrcnn.creators, "nms_topk", lambda boxes, s, thresh, k: nms(boxes, s, thresh)[:k])
+    assert torch.equal(fast, creator(deltas, scores, anchors, (600, 800), training=False, n_post_nms=2000))
+
+
 # ---------------------------------------------------------------------------- the detector: optimised vs reference
 def _assert_same_detections(a, b, atol=0.0):
     assert len(a) == len(b)

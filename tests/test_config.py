@@ -166,7 +166,7 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert OmegaConf.to_container(o.optimizer) == {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "foreach": True}
     assert (o.lr, o.weight_decay, o.bias_lr_factor, o.bias_weight_decay) == (1e-3, 1e-4, 1.0, 0.0)
     # what experiment=cpu_shapes sets on top of the groups
-    assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [5], 0.1, 6)
+    assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [4], 0.1, 5)
     assert cfg.model.rpn_mid_channels is None
     assert list(cfg.backbone.widths) == [32, 64, 128] and build_model(model_config(cfg), pretrained=False).stride == 8
     assert list(cfg.data.min_size) == [224, 256, 288, 320] and cfg.sampler.proposal.min_size == 4
@@ -175,7 +175,7 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert (paper.sampler.proposal.n_train_pre_nms, paper.sampler.proposal.n_train_post_nms) == (12000, 2000)
     assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer._target_ == "torch.optim.SGD"
     assert (paper.optim.optimizer.momentum, paper.optim.weight_decay, paper.optim.bias_lr_factor) == (0.9, 5e-4, 2.0)
-    assert (paper.optim.warmup_steps, paper.trainer.max_epochs) == (200, 6)  # the experiment's values stay
+    assert (paper.optim.warmup_steps, paper.trainer.max_epochs) == (200, 5)  # the experiment's values stay
     # every backbone composes with the default experiment
     assert "widths" not in compose_config(BASE + ["backbone=vgg16"]).backbone
 
@@ -222,7 +222,7 @@ EXPERIMENTS = {
     "voc07_vgg16": ("voc2007", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc0712_vgg16": ("voc0712", "vgg16", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
     "voc07_resnet101": ("voc2007", "resnet101", [8, 16, 32], 12000, "torch.optim.SGD", 14, [10], "none"),
-    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 6, [5], "val"),
+    "cpu_shapes": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 5, [4], "val"),
     "cpu_anchor_study": ("shapes", "tiny", [1, 2, 4, 8, 16], 2000, "torch.optim.AdamW", 2, [1], "val"),
 }
 
