@@ -18,7 +18,7 @@ geometry. The choices (``conf/augment/``):
 ``mosaic`` (YOLOv4's mosaic, :func:`mosaic`) can be added to any choice: with that probability an
 image is tiled with three other training images, each shrunk into one quadrant around a random
 centre, before the rest of the augmentation runs on the tiled image: more objects per image,
-smaller ones, and several scenes side by side (``augment=robust`` uses it on half the images).
+smaller ones, and several scenes side by side (``augment=robust`` tiles every image).
 
 ``vflip`` and ``rot90`` (for overhead or microscopy images, where up is arbitrary) can be added to
 any choice: ``augment.vflip=0.5 augment.rot90=true``.
@@ -281,9 +281,8 @@ def mosaic(
         h, w = image.shape[-2:]
         scale = min((x1 - x0) / w, (y1 - y0) / h)
         size = [max(1, min(y1 - y0, round(h * scale))), max(1, min(x1 - x0, round(w * scale)))]
-        tile, tile_boxes = TF.resize(
-            tv_tensors.Image(image), size, antialias=True
-        ), TF.resize(tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(h, w)), size)
+        tile = TF.resize(tv_tensors.Image(image), size, antialias=True)
+        tile_boxes = TF.resize(tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(h, w)), size)
         # against the centre: the left tiles end at cx, the top ones at cy
         left = x1 - size[1] if k in (0, 2) else x0
         top = y1 - size[0] if k in (0, 1) else y0
