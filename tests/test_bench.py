@@ -265,6 +265,19 @@ def test_nms_topk_equals_torchvision_nms_truncated(seed):
                 assert torch.equal(nms_topk(boxes, scores, thresh, k, block=block), full[:k])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nms_topk_decides_an_iou_at_the_threshold_as_torchvision(dtype):
+    """IoUs of exactly 3/10 and 7/10: float32(0.3) is above 0.3 and float32(0.7) below 0.7, so
+    torchvision's kernel (a float IoU against the double threshold) suppresses at 0.3 and
+    not at 0.7 in float32; nms_topk must decide the same in both dtypes."""
+    a, b, c = [0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 3.0, 1.0], [0.0, 0.0, 7.0, 1.0]  # IoU(a, b) 0.3, IoU(a, c) 0.7
+    for other in (b, c):
+        boxes, scores = torch.tensor([a, other], dtype=dtype), torch.tensor([1.0, 0.5], dtype=dtype)
+        for thresh in (0.3, 0.7):
+            assert torch.equal(nms_topk(boxes, scores, thresh, 5), nms(boxes, scores, thresh))
+    assert nms(torch.tensor([a, b]), torch.tensor([1.0, 0.5]), 0.3).tolist() == [0]  # the case that needs the rule
+
+
 def test_nms_topk_empty():
     assert nms_topk(torch.zeros(0, 4), torch.zeros(0), 0.7, 10).shape == (0,)
 

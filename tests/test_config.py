@@ -167,11 +167,11 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert (o.lr, o.weight_decay, o.bias_lr_factor, o.bias_weight_decay) == (1e-3, 1e-4, 1.0, 0.0)
     # what experiment=cpu_shapes sets on top of the groups
     assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [4], 0.1, 5)
-    assert cfg.model.rpn_mid_channels is None
+    assert cfg.model.rpn_mid_channels is None and cfg.model.roi_pooling == "roi_align"
     assert list(cfg.backbone.widths) == [32, 64, 128] and build_model(model_config(cfg), pretrained=False).stride == 8
     assert list(cfg.data.min_size) == [224, 256, 288, 320] and cfg.sampler.proposal.min_size == 4
     assert cfg.augment.stretch == [0.5, 2.0] and cfg.augment.rng == "item" and cfg.augment.mosaic == 1.0
-    paper = compose_config(BASE + ["anchor=k9", "sampler=default", "optim=sgd"])
+    paper = compose_config(BASE + ["anchor=k9", "sampler=default", "optim=sgd", "model.roi_pooling=roi_pool"])
     assert (paper.sampler.proposal.n_train_pre_nms, paper.sampler.proposal.n_train_post_nms) == (12000, 2000)
     assert list(paper.anchor.scales) == [8, 16, 32] and paper.optim.optimizer._target_ == "torch.optim.SGD"
     assert (paper.optim.optimizer.momentum, paper.optim.weight_decay, paper.optim.bias_lr_factor) == (0.9, 5e-4, 2.0)
@@ -185,7 +185,7 @@ def test_removing_the_experiment_leaves_the_groups_with_their_own_values():
     bare = compose_config(BASE + ["~experiment"])
     assert bare.optim.optimizer._target_ == "torch.optim.AdamW" and list(bare.anchor.scales) == [1, 2, 4, 8, 16]
     assert (bare.optim.warmup_steps, list(bare.optim.lr_decay_epochs), bare.trainer.max_epochs) == (0, [10], 14)
-    assert bare.model.rpn_mid_channels == 512
+    assert bare.model.rpn_mid_channels == 512 and bare.model.roi_pooling == "roi_pool"
 
 
 def test_callbacks_come_from_their_config_group(tmp_path):

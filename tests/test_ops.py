@@ -1,10 +1,10 @@
-"""Our kernels against torchvision's, value for value."""
+"""Our kernels against torchvision's, value for value (RoIAlign: to float rounding)."""
 
 import pytest
 import torch
-from torchvision.ops import roi_pool
+from torchvision.ops import roi_align, roi_pool
 
-from fasterrcnn.ops import LOOKUP_CHUNK_BINS, _log2_floor, range_max_table, roi_pool_exact
+from fasterrcnn.ops import LOOKUP_CHUNK_BINS, _log2_floor, range_max_table, roi_align_sparse, roi_pool_exact
 
 
 def _boxes(n_rois: int, n_images: int, height: int, width: int, stride: int, g: torch.Generator) -> torch.Tensor:
@@ -75,3 +75,64 @@ def test_the_roi_head_pools_exactly_at_inference_and_with_torchvision_in_trainin
     with torch.no_grad():
         inferred = head.pool(features, rois, index)
     assert torch.equal(inferred, trained.detach())
+
+
+# ---------------------------------------------------------------------------- RoIAlign
+ALIGN_CASES = [(1, 8, 19, 25, 7, 16), (2, 3, 5, 9, 7, 8), (1, 4, 38, 50, 7, 8), (1, 5, 1, 1, 2, 8), (2, 6, 13, 4, 14, 7)]
+
+
+@pytest.mark.parametrize(("n", "c", "h", "w", "size", "stride"), ALIGN_CASES)
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_sparse_is_torchvisions_with_its_gradient(n, c, h, w, size, stride, sampling_ratio, aligned):
+    """The same samples and weights as torchvision's kernel: equal values with one sample per
+    bin, float rounding apart with more (the sums' order); the features' gradient likewise."""
+    g = torch.Generator().manual_seed(h * w + c + sampling_ratio)
+    features = torch.randn(n, c, h, w, generator=g)
+    boxes = _boxes(200, n, h, w, stride, g)
+    grad = torch.randn(200, c, size, size, generator=g)
+    ours_in, theirs_in = features.clone().requires_grad_(), features.clone().requires_grad_()
+    theirs = roi_align(theirs_in, boxes, size, 1.0 / stride, sampling_ratio, aligned)
+    ours = roi_align_sparse(ours_in, boxes, size, 1.0 / stride, sampling_ratio, aligned)
+    tol = dict(rtol=0, atol=0) if sampling_ratio == 1 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tol)
+    theirs.backward(grad)
+    ours.backward(grad)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-5, atol=1e-5)
+    cl = features.contiguous(memory_format=torch.channels_last)  # the trunk's layout: a view, no copy
+    torch.testing.assert_close(roi_align_sparse(cl, boxes, size, 1.0 / stride, sampling_ratio, aligned), theirs.detach(), **tol)
+
+
+def test_roi_align_sparse_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    boxes = _boxes(9, 2, 6, 7, 8, g).double()
+    assert torch.autograd.gradcheck(lambda f: roi_align_sparse(f, boxes, 3, 1 / 8, 2, True), (features,))
+
+
+def test_roi_align_sparse_without_rois_and_without_a_fixed_sampling_ratio():
+    assert roi_align_sparse(torch.randn(1, 4, 5, 5), torch.zeros(0, 5), 7, 1 / 16).shape == (0, 4, 7, 7)
+    with pytest.raises(ValueError, match="sampling_ratio > 0"):
+        roi_align_sparse(torch.randn(1, 4, 5, 5), torch.zeros(1, 5), 7, 1 / 16, sampling_ratio=0)
+
+
+def test_the_roi_head_aligns_with_the_sparse_product_on_the_cpu(monkeypatch):
+    """``roi_align`` heads on the CPU train and infer through ``roi_align_sparse``
+    (torchvision's kernel only with the adaptive sampling ratio, 0)."""
+    import fasterrcnn.heads
+    from fasterrcnn.heads import RoIHead
+
+    calls = []
+    monkeypatch.setattr(fasterrcnn.heads, "roi_align_sparse", lambda *a: calls.append(a[4]) or roi_align_sparse(*a))
+    features = torch.randn(1, 4, 19, 25, requires_grad=True)
+    rois = _boxes(50, 1, 19, 25, 16, torch.Generator().manual_seed(0))[:, 1:]
+    index = torch.zeros(50, dtype=torch.long)
+    head = RoIHead(torch.nn.Flatten(), 4 * 7 * 7, num_classes=2, pooling="roi_align")
+    trained = head.pool(features, rois, index)
+    trained.sum().backward()
+    assert trained.requires_grad and features.grad is not None and calls == [2]
+    expected = roi_align(features, torch.cat((index[:, None].float(), rois), dim=1), 7, 1 / 16, 2, True)
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-5)
+    adaptive = RoIHead(torch.nn.Flatten(), 4 * 7 * 7, num_classes=2, pooling="roi_align", sampling_ratio=0)
+    torch.testing.assert_close(adaptive.pool(features, rois, index), roi_align(features, torch.cat((index[:, None].float(), rois), dim=1), 7, 1 / 16, 0, True))
+    assert calls == [2]

@@ -154,14 +154,30 @@ class BoxCoder:
         return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
-def _pairwise_iou(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor) -> Tensor:
-    """IoU ``(P, Q)`` of boxes ``a (P, 4)`` and ``b (Q, 4)`` with their areas, in the arithmetic
-    of torchvision's CPU NMS kernel (same operations in the same order), so a comparison with
-    the threshold decides exactly as that kernel does."""
-    w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-    h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
-    inter = w * h
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+def _iou_above(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor, thresh: float) -> Tensor:
+    """``(P, Q)`` bool: IoU of boxes ``a (P, 4)`` and ``b (Q, 4)`` (with their areas) above
+    ``thresh``, in the arithmetic of torchvision's CPU NMS kernel (the same operations in the
+    same order and dtype), so each comparison decides exactly as that kernel's does. ``thresh``
+    is :func:`_kernel_thresh`'s; the temporaries are updated in place (one allocation each)."""
+    w = torch.minimum(a[:, None, 2], b[None, :, 2]).sub_(torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
+    h = torch.minimum(a[:, None, 3], b[None, :, 3]).sub_(torch.maximum(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+    inter = w.mul_(h)
+    iou = inter.div_((area_a[:, None] + area_b[None, :]).sub_(inter))
+    return (iou if iou.dtype in (torch.float32, torch.float64) else iou.double()) > thresh
+
+
+def _kernel_thresh(iou_thresh: float, dtype: torch.dtype) -> float:
+    """The threshold that makes ``iou > t`` in ``dtype`` decide as torchvision's kernel, which
+    compares the ``dtype`` IoU with the double ``iou_thresh``: a float32 IoU is above it exactly
+    when it is above the largest float32 not above it (torch compares a float32 tensor with a
+    Python float in float32, and float32(0.3) is above 0.3, so 0.3 itself would not do). Float64
+    compares exactly, and other dtypes' IoUs are compared in float64 (:func:`_iou_above`)."""
+    if dtype != torch.float32:
+        return iou_thresh
+    t = torch.tensor(iou_thresh, dtype=torch.float32)
+    if t.item() > iou_thresh:
+        t = torch.nextafter(t, torch.tensor(-math.inf))
+    return t.item()
 
 
 def nms_topk(boxes: Tensor, scores: Tensor, iou_thresh: float, max_keep: int, block: int = 128) -> Tensor:
@@ -184,16 +200,16 @@ def nms_topk(boxes: Tensor, scores: Tensor, iou_thresh: float, max_keep: int, bl
     """
     order = scores.sort(descending=True, stable=True).indices
     boxes = boxes[order]
+    thresh = _kernel_thresh(iou_thresh, boxes.dtype)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     kept: list[Tensor] = []  # positions in score order
     kept_boxes, kept_areas = boxes[:0], areas[:0]
     num_kept = 0
     for start in range(0, boxes.shape[0], block):
         cand, cand_areas = boxes[start : start + block], areas[start : start + block]
-        # float64 comparison: torchvision compares the float IoU with the double threshold
-        alive = ~(_pairwise_iou(cand, cand_areas, kept_boxes, kept_areas).double() > iou_thresh).any(dim=1)
+        alive = ~_iou_above(cand, cand_areas, kept_boxes, kept_areas, thresh).any(dim=1)
         # suppresses[j, i]: candidate j (earlier) would suppress candidate i (later)
-        suppresses = (_pairwise_iou(cand, cand_areas, cand, cand_areas).double() > iou_thresh).triu(diagonal=1)
+        suppresses = _iou_above(cand, cand_areas, cand, cand_areas, thresh).triu_(diagonal=1)
         keep = alive
         while True:
             new = alive & ~(suppresses & keep[:, None]).any(dim=0)

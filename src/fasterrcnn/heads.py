@@ -13,7 +13,7 @@ from torch.profiler import record_function
 from torchvision.ops import roi_align, roi_pool
 
 from fasterrcnn.boxes import BoxCoder
-from fasterrcnn.ops import roi_pool_exact
+from fasterrcnn.ops import roi_align_sparse, roi_pool_exact
 
 # The paper recipe's normalisation of the RoI head's deltas (torchvision's weights (10, 10, 5, 5)).
 ROI_DELTA_STD = (0.1, 0.1, 0.2, 0.2)
@@ -112,6 +112,10 @@ class RoIHead(nn.Module):
                 # RoI, channel and bin at a time on one thread (fasterrcnn.ops, docs/speed.md).
                 return roi_pool_exact(features, boxes, self.roi_size, self.spatial_scale)
             return roi_pool(features, boxes, self.roi_size, self.spatial_scale)
+        if features.device.type == "cpu" and self.sampling_ratio > 0:
+            # The CPU: the same samples and weights as torchvision's kernel as one sparse
+            # product each way (fasterrcnn.ops); its backward is 10x faster than the kernel's.
+            return roi_align_sparse(features, boxes, self.roi_size, self.spatial_scale, self.sampling_ratio, self.aligned)
         return roi_align(features, boxes, self.roi_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def forward(self, features: Tensor, rois: Tensor, batch_index: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,13 @@
 """Tensor kernels of our own, where torchvision's are slow on the CPU and an exact vectorised
-version is cheap. Each one matches its torchvision twin value for value (tests/test_ops.py).
+version is cheap. Each one matches its torchvision twin (tests/test_ops.py): RoIPool value for
+value, RoIAlign to float rounding (the same samples and weights, summed in another order).
 
 Shape legend: N images, C channels, H x W feature map, R RoIs, P x Q pooled size.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -133,3 +136,126 @@ def roi_pool_exact(features: Tensor, boxes: Tensor, output_size: int | tuple[int
     if bool(empty.any()):
         out.masked_fill_(empty[..., None], 0.0)
     return out.permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------ RoIAlign
+def _align_axis(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, Tensor]:
+    """Along one axis of each RoI, the two feature cells each of the ``bins x grid`` samples
+    reads and their bilinear weights, in the arithmetic of torchvision's CPU RoIAlign kernel
+    (``pre_calc_for_bilinear_interpolate``): a sample beyond ``[-1, size]`` weighs 0, one
+    below 0 reads cell 0, one past the last cell centre reads the last cell.
+
+    Args:
+        start, length: ``(R,)`` the RoI's first coordinate and extent in feature cells.
+    Returns:
+        ``cells (R, bins, 2 grid)`` int64 and ``weights (R, bins, 2 grid)``: per bin, each
+        sample's low and high neighbour.
+    """
+    bin_size = length / bins
+    p = torch.arange(bins, dtype=start.dtype, device=start.device)
+    i = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
+    coord = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + i[None, None, :] * bin_size[:, None, None] / grid
+    inside = (coord >= -1.0) & (coord <= size)
+    coord = coord.clamp(min=0)
+    low = coord.long()  # C's (int) of a non-negative value
+    last = low >= size - 1
+    low = low.clamp(max=size - 1)
+    high = torch.where(last, low, low + 1)
+    frac = torch.where(last, 0.0, coord - low.to(coord.dtype))
+    weights = torch.stack((1.0 - frac, frac), dim=-1) * inside[..., None]  # (R, bins, grid, 2)
+    return torch.stack((low, high), dim=-1).flatten(2), weights.flatten(2)
+
+
+def roi_align_matrix(
+    boxes: Tensor, shape: tuple[int, int, int], output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> tuple[Tensor, Tensor]:
+    """RoIAlign as a sparse matrix: bin ``b`` of RoI ``r`` (row ``r P Q + b``) is the weighted
+    sum of ``(2 g)^2`` feature cells (columns ``(n H + y) W + x``), ``g = sampling_ratio``:
+    ``g x g`` bilinear samples of 2 x 2 cells each, averaged. The weights factor into a row
+    and a column part, so the work is per axis.
+
+    Args:
+        boxes: ``(R, 5)`` ``(batch index, x1, y1, x2, y2)`` in input pixels.
+        shape: the features' ``(N, H, W)``.
+    Returns:
+        ``columns (R P Q (2 g)^2,)`` int64 and ``weights`` like it, ``(2 g)^2`` per row.
+    """
+    _, height, width = shape
+    pooled_h, pooled_w = output_size
+    g = sampling_ratio
+    offset = 0.5 if aligned else 0.0
+    # the kernel's arithmetic: spatial_scale and the offset in the boxes' dtype
+    corners = boxes[:, 1:] * torch.tensor(spatial_scale, dtype=boxes.dtype) - offset
+    x1, y1 = corners[:, 0], corners[:, 1]
+    roi_w, roi_h = corners[:, 2] - x1, corners[:, 3] - y1
+    if not aligned:  # the legacy rule: at least one cell
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    rows, wy = _align_axis(y1, roi_h, pooled_h, g, height)  # (R, P, 2g)
+    cols, wx = _align_axis(x1, roi_w, pooled_w, g, width)  # (R, Q, 2g)
+    image = boxes[:, 0].long()[:, None, None, None, None]
+    columns = (image * height + rows[:, :, None, :, None]) * width + cols[:, None, :, None, :]  # (R, P, Q, 2g, 2g)
+    weights = (wy[:, :, None, :, None] * wx[:, None, :, None, :]) / (g * g)
+    return columns.reshape(-1), weights.reshape(-1)
+
+
+def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
+
+
+class _SparseRoIAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features: Tensor, boxes: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+        n, c, height, width = features.shape
+        columns, weights = roi_align_matrix(boxes.to(features.dtype), (n, height, width), output_size, spatial_scale, sampling_ratio, aligned)
+        per_row = (2 * sampling_ratio) ** 2
+        rows = boxes.shape[0] * output_size[0] * output_size[1]
+        crow = torch.arange(0, rows * per_row + 1, per_row, device=features.device)
+        flat = features.permute(0, 2, 3, 1).reshape(n * height * width, c)  # a view for channels-last features
+        with torch.autocast(features.device.type, enabled=False):  # autocast would cast the product to bf16, which MKL's has not
+            out = torch.sparse.mm(_csr(crow, columns, weights, (rows, n * height * width)), flat)  # (R P Q, C)
+        ctx.save_for_backward(columns, weights)
+        ctx.shape, ctx.output_size, ctx.per_row = (n, c, height, width), output_size, per_row
+        return out.view(boxes.shape[0], *output_size, c).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        columns, weights = ctx.saved_tensors
+        n, c, height, width = ctx.shape
+        cells = n * height * width
+        # The transpose as CSR: entries grouped by feature cell (a stable sort keeps each
+        # cell's bins in order, so the sums are deterministic).
+        order = columns.argsort(stable=True)
+        crow = torch.zeros(cells + 1, dtype=torch.long, device=grad.device)
+        crow[1:] = torch.bincount(columns, minlength=cells).cumsum(0)
+        transpose = _csr(crow, order.div(ctx.per_row, rounding_mode="floor"), weights[order], (cells, columns.numel() // ctx.per_row))
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c)  # (R P Q, C)
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_features = torch.sparse.mm(transpose, grad_rows.to(weights.dtype)).view(n, height, width, c).permute(0, 3, 1, 2)
+        return grad_features, None, None, None, None, None
+
+
+def roi_align_sparse(
+    features: Tensor, boxes: Tensor, output_size: int | tuple[int, int], spatial_scale: float, sampling_ratio: int = 2, aligned: bool = True
+) -> Tensor:
+    """``torchvision.ops.roi_align(features, boxes, output_size, spatial_scale, sampling_ratio,
+    aligned)`` for ``sampling_ratio > 0``, as one sparse-by-dense product per pass: the bins
+    are rows of :func:`roi_align_matrix` times the ``(N H W, C)`` features, and the gradient
+    is its transpose times the bins' gradient. The same sample points and weights as the
+    kernel, so the values differ from it only in the order of the sums (float rounding; with
+    one sample per bin they are equal); torchvision's CPU kernel loops over RoIs, channels and
+    samples on one thread, and its backward costs 8x its forward.
+
+    Args:
+        features: ``(N, C, H, W)`` float; boxes: ``(R, 5)`` ``(batch index, x1, y1, x2, y2)``.
+    Returns:
+        ``(R, C, P, Q)``, a channels-last view (``(R, P, Q, C)`` in memory).
+    """
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
+    if sampling_ratio <= 0:
+        raise ValueError(f"roi_align_sparse needs sampling_ratio > 0 (the adaptive count is per RoI), got {sampling_ratio}")
+    if boxes.shape[0] == 0:
+        return features.new_zeros((0, features.shape[1], *output_size))
+    return _SparseRoIAlign.apply(features, boxes, tuple(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
