@@ -110,6 +110,17 @@ def test_roi_align_sparse_gradcheck():
     assert torch.autograd.gradcheck(lambda f: roi_align_sparse(f, boxes, 3, 1 / 8, 2, True), (features,))
 
 
+def test_roi_align_sparse_reads_nothing_off_the_map_for_non_finite_rois():
+    """A NaN or infinite corner (which torchvision's kernel would turn into an index out of
+    bounds) weighs nothing: such samples read zeros, the finite RoIs pool as before."""
+    features = torch.randn(1, 3, 6, 7)
+    nan, inf = float("nan"), float("inf")
+    boxes = torch.tensor([[0, 8.0, 8.0, 40.0, 30.0], [0, nan, nan, nan, nan], [0, -inf, -inf, inf, inf]])
+    out = roi_align_sparse(features, boxes, 3, 1 / 8)
+    torch.testing.assert_close(out[:1], roi_align(features, boxes[:1], 3, 1 / 8, 2, True), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+
+
 def test_roi_align_sparse_without_rois_and_without_a_fixed_sampling_ratio():
     assert roi_align_sparse(torch.randn(1, 4, 5, 5), torch.zeros(0, 5), 7, 1 / 16).shape == (0, 4, 7, 7)
     with pytest.raises(ValueError, match="sampling_ratio > 0"):

@@ -18,6 +18,10 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
 
 
+def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+
 def roi_pool_bins(boxes: Tensor, output_size: tuple[int, int], spatial_scale: float, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The max-pooling bins of Caffe's RoIPool, in the arithmetic of torchvision's CPU kernel.
 
@@ -100,8 +104,7 @@ def roi_pool_exact(features: Tensor, boxes: Tensor, output_size: int | tuple[int
     Returns:
         ``(R, C, P, Q)``, a channels-last view (``(R, P, Q, C)`` in memory).
     """
-    if isinstance(output_size, int):
-        output_size = (output_size, output_size)
+    output_size = _pair(output_size)
     n, c, height, width = features.shape
     r = boxes.shape[0]
     pooled_h, pooled_w = output_size
@@ -142,8 +145,9 @@ def roi_pool_exact(features: Tensor, boxes: Tensor, output_size: int | tuple[int
 def _align_axis(start: Tensor, length: Tensor, bins: int, grid: int, size: int) -> tuple[Tensor, Tensor]:
     """Along one axis of each RoI, the two feature cells each of the ``bins x grid`` samples
     reads and their bilinear weights, in the arithmetic of torchvision's CPU RoIAlign kernel
-    (``pre_calc_for_bilinear_interpolate``): a sample beyond ``[-1, size]`` weighs 0, one
-    below 0 reads cell 0, one past the last cell centre reads the last cell.
+    (``pre_calc_for_bilinear_interpolate``): a sample beyond ``[-1, size]`` weighs 0 (so
+    does a NaN or infinite one, which the kernel would read out of bounds), one below 0 reads
+    cell 0, one past the last cell centre reads the last cell.
 
     Args:
         start, length: ``(R,)`` the RoI's first coordinate and extent in feature cells.
@@ -155,9 +159,9 @@ def _align_axis(start: Tensor, length: Tensor, bins: int, grid: int, size: int) 
     p = torch.arange(bins, dtype=start.dtype, device=start.device)
     i = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
     coord = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + i[None, None, :] * bin_size[:, None, None] / grid
-    inside = (coord >= -1.0) & (coord <= size)
-    coord = coord.clamp(min=0)
-    low = coord.long()  # C's (int) of a non-negative value
+    inside = (coord >= -1.0) & (coord <= size)  # False for NaN and infinite coordinates too
+    coord = torch.where(inside, coord, 0.0).clamp(min=0)
+    low = coord.long()  # C's (int) of a non-negative value: every index stays on the map
     last = low >= size - 1
     low = low.clamp(max=size - 1)
     high = torch.where(last, low, low + 1)
@@ -180,7 +184,7 @@ def roi_align_matrix(
     Returns:
         ``columns (R P Q (2 g)^2,)`` int64 and ``weights`` like it, ``(2 g)^2`` per row.
     """
-    _, height, width = shape
+    n, height, width = shape
     pooled_h, pooled_w = output_size
     g = sampling_ratio
     offset = 0.5 if aligned else 0.0
@@ -192,7 +196,7 @@ def roi_align_matrix(
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     rows, wy = _align_axis(y1, roi_h, pooled_h, g, height)  # (R, P, 2g)
     cols, wx = _align_axis(x1, roi_w, pooled_w, g, width)  # (R, Q, 2g)
-    image = boxes[:, 0].long()[:, None, None, None, None]
+    image = boxes[:, 0].long().clamp(0, n - 1)[:, None, None, None, None]  # as roi_pool_exact: no index off the features
     columns = (image * height + rows[:, :, None, :, None]) * width + cols[:, None, :, None, :]  # (R, P, Q, 2g, 2g)
     weights = (wy[:, :, None, :, None] * wx[:, None, :, None, :]) / (g * g)
     return columns.reshape(-1), weights.reshape(-1)
@@ -216,7 +220,7 @@ class _SparseRoIAlign(torch.autograd.Function):
         with torch.autocast(features.device.type, enabled=False):  # autocast would cast the product to bf16, which MKL's has not
             out = torch.sparse.mm(_csr(crow, columns, weights, (rows, n * height * width)), flat)  # (R P Q, C)
         ctx.save_for_backward(columns, weights)
-        ctx.shape, ctx.output_size, ctx.per_row = (n, c, height, width), output_size, per_row
+        ctx.shape, ctx.per_row = (n, c, height, width), per_row
         return out.view(boxes.shape[0], *output_size, c).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -252,10 +256,9 @@ def roi_align_sparse(
     Returns:
         ``(R, C, P, Q)``, a channels-last view (``(R, P, Q, C)`` in memory).
     """
-    if isinstance(output_size, int):
-        output_size = (output_size, output_size)
+    output_size = _pair(output_size)
     if sampling_ratio <= 0:
         raise ValueError(f"roi_align_sparse needs sampling_ratio > 0 (the adaptive count is per RoI), got {sampling_ratio}")
     if boxes.shape[0] == 0:
         return features.new_zeros((0, features.shape[1], *output_size))
-    return _SparseRoIAlign.apply(features, boxes, tuple(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
+    return _SparseRoIAlign.apply(features, boxes, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned))
