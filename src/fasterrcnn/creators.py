@@ -138,8 +138,8 @@ class AnchorTargetCreator:
 # ProposalCreator runs nms_topk on the CPU when it keeps under 1 / NMS_TOPK_MAX_SHARE of the
 # boxes, or when there are NMS_TOPK_MIN_BOXES or more (both give torchvision's nms(...)[:n],
 # tests/test_bench.py): torchvision's one-thread kernel costs about (boxes x kept), and a
-# detector trained on mosaics keeps many (6000 -> 2000 for recall@2000 at validation: 41 ms
-# against nms_topk's 17; before mosaics 13 against 16).
+# detector trained on mosaics keeps many (6000 -> 2000 for recall@2000 at validation: 42 ms
+# against nms_topk's 16; before mosaics 13 against 16).
 NMS_TOPK_MAX_SHARE = 8
 NMS_TOPK_MIN_BOXES = 4096
 
@@ -210,8 +210,9 @@ class ProposalCreator:
         if boxes.device.type == "cpu" and nms_topk_is_faster(boxes.shape[0], n_post):
             # The same boxes as torchvision's nms(...)[:n_post], without suppressing past the
             # n_post-th kept box: at 6000 -> 300 about 30x faster than the (one-thread) CPU kernel.
-            # When the kept count is a large share of few boxes (the training counts 2000 -> 500:
-            # 3.7 against 3.4 ms on the CPU default), torchvision's kernel is the faster.
+            # When the kept count is a large share of few boxes (the training counts 2000 -> 500)
+            # the two are within noise of each other (nms_topk 3.3 against 3.6 ms idle since it
+            # compares in float32, 3.7 against 3.4 before), so torchvision's kernel stays there.
             keep = nms_topk(boxes, scores, self.nms_thresh, n_post)
         else:
             keep = nms(boxes, scores, self.nms_thresh)[:n_post]  # nms keeps score order
