@@ -283,12 +283,14 @@ def test_nms_topk_empty():
 
 
 def test_proposal_creator_takes_nms_topk_for_few_kept_or_many_boxes(monkeypatch):
-    """6000 -> 300 (testing) and 6000 -> 2000 (recall@2000) run nms_topk, 2000 -> 500 (the
-    default training counts) torchvision's kernel; the proposals are the same either way."""
+    """6000 -> 300 (testing), 6000 -> 2000 (recall@2000) and 2000 -> 500 (the default training
+    counts) run nms_topk, a few hundred boxes torchvision's kernel; the proposals are the same
+    either way."""
     from fasterrcnn.creators import ProposalCreator, nms_topk_is_faster
 
     assert nms_topk_is_faster(6000, 300) and nms_topk_is_faster(6000, 2000) and nms_topk_is_faster(12000, 2000)
-    assert not nms_topk_is_faster(2000, 500) and not nms_topk_is_faster(3000, 2000)
+    assert nms_topk_is_faster(2000, 500) and nms_topk_is_faster(3000, 2000)
+    assert not nms_topk_is_faster(500, 250) and not nms_topk_is_faster(1000, 500) and nms_topk_is_faster(1000, 100)
     calls = []
     monkeypatch.setattr(fasterrcnn.creators, "nms_topk", lambda *a: calls.append(a[3]) or nms_topk(*a))
     g = torch.Generator().manual_seed(0)

@@ -163,7 +163,7 @@ def test_default_run_and_its_way_back_to_the_paper():
     assert (cfg.sampler.proposal.n_test_pre_nms, cfg.sampler.proposal.n_test_post_nms) == (6000, 300)
     assert list(cfg.anchor.scales) == [1, 2, 4, 8, 16] and list(cfg.anchor.ratios) == [0.5, 1, 2]
     o = cfg.optim
-    assert OmegaConf.to_container(o.optimizer) == {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "foreach": True}
+    assert OmegaConf.to_container(o.optimizer) == {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "fused": True}
     assert (o.lr, o.weight_decay, o.bias_lr_factor, o.bias_weight_decay) == (1e-3, 1e-4, 1.0, 0.0)
     # what experiment=cpu_shapes sets on top of the groups
     assert (o.warmup_steps, list(o.lr_decay_epochs), o.lr_decay, cfg.trainer.max_epochs) == (200, [4], 0.1, 5)

@@ -50,7 +50,7 @@ def test_default_run_optimizer_is_adamw_with_its_betas():
     assert type(optimizer) is torch.optim.AdamW and tuple(weights["betas"]) == tuple(biases["betas"]) == (0.9, 0.999)
     assert (weights["initial_lr"], weights["weight_decay"]) == (1e-3, 1e-4)
     assert (biases["initial_lr"], biases["weight_decay"]) == (1e-3, 0.0)
-    assert weights["foreach"] is True and weights["eps"] == 1e-8
+    assert weights["fused"] is True and weights["eps"] == 1e-8
 
 
 def test_lr_scales_with_the_number_of_ddp_processes():

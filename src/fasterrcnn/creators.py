@@ -138,10 +138,12 @@ class AnchorTargetCreator:
 # ProposalCreator runs nms_topk on the CPU when it keeps under 1 / NMS_TOPK_MAX_SHARE of the
 # boxes, or when there are NMS_TOPK_MIN_BOXES or more (both give torchvision's nms(...)[:n],
 # tests/test_bench.py): torchvision's one-thread kernel costs about (boxes x kept), and a
-# detector trained on mosaics keeps many (6000 -> 2000 for recall@2000 at validation: 42 ms
-# against nms_topk's 16; before mosaics 13 against 16).
+# detector trained on mosaics keeps many. On 30 images' proposals of the default run's detector
+# (2 threads, ms per image): 6000 -> 2000 for recall@2000 at validation 13 against 36; 2000 -> 500
+# in training 2.3-2.8 against 4.7-6.3 (a mosaic keeps more than a validation image: 2.8 against
+# 3.3 there); below about 1000 boxes torchvision's kernel is faster (500 -> 250: 1.0 against 0.6).
 NMS_TOPK_MAX_SHARE = 8
-NMS_TOPK_MIN_BOXES = 4096
+NMS_TOPK_MIN_BOXES = 1024
 
 
 def nms_topk_is_faster(num_boxes: int, n_post: int) -> bool:
@@ -210,9 +212,6 @@ class ProposalCreator:
         if boxes.device.type == "cpu" and nms_topk_is_faster(boxes.shape[0], n_post):
             # The same boxes as torchvision's nms(...)[:n_post], without suppressing past the
             # n_post-th kept box: at 6000 -> 300 about 30x faster than the (one-thread) CPU kernel.
-            # When the kept count is a large share of few boxes (the training counts 2000 -> 500)
-            # the two are within noise of each other (nms_topk 3.3 against 3.6 ms idle since it
-            # compares in float32, 3.7 against 3.4 before), so torchvision's kernel stays there.
             keep = nms_topk(boxes, scores, self.nms_thresh, n_post)
         else:
             keep = nms(boxes, scores, self.nms_thresh)[:n_post]  # nms keeps score order
