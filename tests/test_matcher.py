@@ -97,9 +97,9 @@ def test_block_size_is_bounded_by_the_budget(monkeypatch):
 
     shapes, iou_block = [], fasterrcnn.matcher._iou_block
 
-    def spy(boxes, area, gt, gt_area, out, tmp, tmp2):
-        shapes.append(tuple(out.shape))
-        return iou_block(boxes, area, gt, gt_area, out, tmp, tmp2)
+    def spy(gt, gt_area, columns, area, out, tmp, tmp2):
+        shapes.append(tuple(out.shape[::-1]))  # (A, g): boxes, ground truths
+        return iou_block(gt, gt_area, columns, area, out, tmp, tmp2)
 
     monkeypatch.setattr(fasterrcnn.matcher, "_iou_block", spy)
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ ground truth); :class:`Matcher` turns that into labels with thresholds.
 :class:`~fasterrcnn.creators.ProposalTargetCreator` compose it.
 
 Memory: the ``(A, G)`` IoU matrix is never held whole when it is large. It is computed in
-blocks of ground-truth columns of at most ``max_elements`` IoUs each (at least one column), into
+blocks of ground truths of at most ``max_elements`` IoUs each (at least one ground truth), into
 three block buffers reused from block to block, so the peak memory is ``O(A + G)`` plus about 4
 blocks, instead of growing with ``A * G``: with the ground truth appended to the RoIs that was
 ``(R + G) * G``, 4.7 GB at 24,000 objects. Each IoU is computed with the operations of
@@ -48,17 +48,20 @@ def _box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def _iou_block(boxes: Tensor, area: Tensor, gt_boxes: Tensor, gt_area: Tensor, out: Tensor, tmp: Tensor, tmp2: Tensor) -> Tensor:
-    """``box_iou(boxes (A, 4), gt_boxes (g, 4))`` written into ``out (A, g)``, using ``tmp`` and
-    ``tmp2 (A, g)``: the same IEEE operations in the same order as torchvision's (width and
-    height clamped at 0, ``inter = w * h``, ``union = area + gt_area - inter``, ``inter / union``),
-    without its ``(A, g, 2)`` temporaries."""
-    w = torch.minimum(boxes[:, None, 2], gt_boxes[None, :, 2], out=out)
-    w.sub_(torch.maximum(boxes[:, None, 0], gt_boxes[None, :, 0], out=tmp)).clamp_(min=0)
-    h = torch.minimum(boxes[:, None, 3], gt_boxes[None, :, 3], out=tmp)
-    h.sub_(torch.maximum(boxes[:, None, 1], gt_boxes[None, :, 1], out=tmp2)).clamp_(min=0)
+def _iou_block(gt_boxes: Tensor, gt_area: Tensor, columns: Tensor, area: Tensor, out: Tensor, tmp: Tensor, tmp2: Tensor) -> Tensor:
+    """``box_iou(boxes, gt_boxes (g, 4)).T`` written into ``out (g, A)``, using ``tmp`` and
+    ``tmp2 (g, A)``; the boxes come as ``columns (4, A)``, their x1, y1, x2, y2 rows contiguous.
+    The same IEEE operations in the same order as torchvision's (width and height clamped at 0,
+    ``inter = w * h``, ``union = area + gt_area - inter``, ``inter / union``; min, max and the sum
+    of the areas commute), without its ``(A, g, 2)`` temporaries. Ground truths are the rows so
+    that every broadcast runs along the A boxes, contiguous: with ``(A, g)`` and a few ground
+    truths each op ran along rows of g strided values, about twice as slow."""
+    w = torch.minimum(gt_boxes[:, 2, None], columns[2], out=out)
+    w.sub_(torch.maximum(gt_boxes[:, 0, None], columns[0], out=tmp)).clamp_(min=0)
+    h = torch.minimum(gt_boxes[:, 3, None], columns[3], out=tmp)
+    h.sub_(torch.maximum(gt_boxes[:, 1, None], columns[1], out=tmp2)).clamp_(min=0)
     inter = w.mul_(h)
-    union = torch.add(area[:, None], gt_area[None, :], out=tmp).sub_(inter)
+    union = torch.add(area, gt_area[:, None], out=tmp).sub_(inter)
     return inter.div_(union)
 
 
@@ -81,7 +84,7 @@ def match_iou(
     best_rtol: float | None = None,
     max_elements: int | None = MAX_CHUNK_ELEMENTS,
 ) -> IoUMatch:
-    """Reduce the IoU matrix of ``boxes (A, 4)`` and ``gt_boxes (G, 4)`` in blocks of columns.
+    """Reduce the IoU matrix of ``boxes (A, 4)`` and ``gt_boxes (G, 4)`` in blocks of ground truths.
 
     Args:
         valid: ``(A,)`` bool, the boxes that may match (None: all).
@@ -111,22 +114,23 @@ def match_iou(
     step = num_gt if max_elements is None else max(1, min(num_gt, max_elements // num_boxes))
     buffers = [boxes.new_empty(num_boxes * step) for _ in range(3)]
     flags = torch.empty(num_boxes * step, dtype=torch.bool, device=boxes.device) if best_rtol is not None else None
-    invalid = None if valid is None else ~valid[:, None]
+    columns = boxes.t().contiguous()  # (4, A)
+    invalid = None if valid is None else ~valid[None, :]
     max_iou = matched = best = None
     gt_max = []
     for start in range(0, num_gt, step):
         g = min(step, num_gt - start)
-        block = [b[: num_boxes * g].view(num_boxes, g) for b in buffers]
-        iou = _iou_block(boxes, area, gt_boxes[start : start + g], gt_area[start : start + g], *block)  # (A, g)
+        block = [b[: num_boxes * g].view(g, num_boxes) for b in buffers]
+        iou = _iou_block(gt_boxes[start : start + g], gt_area[start : start + g], columns, area, *block)  # (g, A)
         if invalid is not None:
             iou.masked_fill_(invalid, -1.0)
-        value, index = iou.max(dim=1)  # (A,)
-        column_max = iou.max(dim=0).values  # (g,): complete, every box is in the block
-        gt_max.append(column_max)
+        value, index = iou.max(dim=0)  # (A,)
+        row_max = iou.max(dim=1).values  # (g,): complete, every box is in the block
+        gt_max.append(row_max)
         if best_rtol is not None:
-            # (iou >= column_max * (1 - best_rtol)) & (column_max > 0), in place
-            near = torch.ge(iou, column_max * (1 - best_rtol), out=flags[: num_boxes * g].view(num_boxes, g))
-            is_best = near.logical_and_((column_max > 0)[None]).any(dim=1)
+            # (iou >= row_max * (1 - best_rtol)) & (row_max > 0), in place
+            near = torch.ge(iou, (row_max * (1 - best_rtol))[:, None], out=flags[: num_boxes * g].view(g, num_boxes))
+            is_best = near.logical_and_((row_max > 0)[:, None]).any(dim=0)
             best = is_best if best is None else best.logical_or_(is_best)
         if max_iou is None:
             max_iou, matched = value, index
