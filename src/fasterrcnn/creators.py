@@ -140,8 +140,8 @@ class AnchorTargetCreator:
 # tests/test_bench.py): torchvision's one-thread kernel costs about (boxes x kept), and a
 # detector trained on mosaics keeps many. On 30 images' proposals of the default run's detector
 # (2 threads, ms per image): 6000 -> 2000 for recall@2000 at validation 13 against 36; 2000 -> 500
-# in training 2.3-2.8 against 4.7-6.3 (a mosaic keeps more than a validation image: 2.8 against
-# 3.3 there); below about 1000 boxes torchvision's kernel is faster (500 -> 250: 1.0 against 0.6).
+# on training mosaics 2.3-3.1 against 4.7-6.3, on validation images 2.8-3.1 against 3.3-3.7;
+# below about 1000 boxes torchvision's kernel is faster (500 -> 250: 1.0 against 0.6).
 NMS_TOPK_MAX_SHARE = 8
 NMS_TOPK_MIN_BOXES = 1024
 
