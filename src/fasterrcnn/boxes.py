@@ -154,20 +154,29 @@ class BoxCoder:
         return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
-def _iou_above(a: tuple[Tensor, ...], area_a: Tensor, b: tuple[Tensor, ...], area_b: Tensor, thresh: float) -> Tensor:
-    """``(P, Q)`` bool: IoU of boxes ``a`` and ``b`` above ``thresh``, in the arithmetic of
-    torchvision's CPU NMS kernel (the same operations in the same order and dtype), so each
-    comparison decides exactly as that kernel's does.
-
-    The boxes come as coordinate columns: ``a`` is ``(x1, y1, x2, y2)`` of shape ``(P, 1)`` each
-    and ``area_a (P, 1)``, ``b`` the same of shape ``(Q,)`` each, contiguous, and ``area_b (Q,)``:
-    every broadcast then runs along contiguous rows (with ``(P, 4)`` boxes the columns are
-    strided views, about twice as slow). ``thresh`` is :func:`_kernel_thresh`'s; the
-    temporaries are updated in place (one allocation each)."""
-    w = torch.minimum(a[2], b[2]).sub_(torch.maximum(a[0], b[0])).clamp_(min=0)
-    h = torch.minimum(a[3], b[3]).sub_(torch.maximum(a[1], b[1])).clamp_(min=0)
+def column_iou(
+    a: Sequence[Tensor], area_a: Tensor, b: Sequence[Tensor], area_b: Tensor, out: Tensor | None = None, tmp: Tensor | None = None, tmp2: Tensor | None = None
+) -> Tensor:
+    """``(P, Q)`` IoU of boxes given as coordinate columns that broadcast: ``a`` is
+    ``(x1, y1, x2, y2)`` of shape ``(P, 1)`` each with ``area_a (P, 1)``, ``b`` the same of shape
+    ``(Q,)`` each with ``area_b (Q,)``. The arithmetic of ``torchvision.ops.box_iou`` and of its
+    CPU NMS kernel (width and height clamped at 0, ``inter = w * h``, ``inter / (area_a + area_b -
+    inter)``; min, max and the sum of the areas commute), so each IoU is their number bit for bit.
+    With ``b``'s rows contiguous every broadcast runs along contiguous memory (``(Q, 4)`` boxes'
+    columns are strided views, about twice as slow). ``out``, ``tmp``, ``tmp2``: ``(P, Q)``
+    buffers to reuse (None: new ones); the result is ``out``."""
+    w = torch.minimum(a[2], b[2], out=out)
+    w.sub_(torch.maximum(a[0], b[0], out=tmp)).clamp_(min=0)
+    h = torch.minimum(a[3], b[3], out=tmp)
+    h.sub_(torch.maximum(a[1], b[1], out=tmp2)).clamp_(min=0)
     inter = w.mul_(h)
-    iou = inter.div_(torch.add(area_a, area_b).sub_(inter))
+    return inter.div_(torch.add(area_a, area_b, out=tmp).sub_(inter))
+
+
+def _iou_above(a: Sequence[Tensor], area_a: Tensor, b: Sequence[Tensor], area_b: Tensor, thresh: float) -> Tensor:
+    """``(P, Q)`` bool: :func:`column_iou` of ``a`` and ``b`` above ``thresh``, deciding exactly as
+    torchvision's CPU NMS kernel does (``thresh`` is :func:`_kernel_thresh`'s)."""
+    iou = column_iou(a, area_a, b, area_b)
     return (iou if iou.dtype in (torch.float32, torch.float64) else iou.double()) > thresh
 
 

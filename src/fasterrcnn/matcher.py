@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fasterrcnn.boxes import column_iou
+
 # IoUs per block: 16 MiB of float32 per buffer. Reusing the buffers matters as much as their
 # size: fresh blocks of 16-32 MiB per step fragmented glibc's heap (+500 MB kept at 30k objects).
 MAX_CHUNK_ELEMENTS = 2**22
@@ -50,19 +52,12 @@ def _box_area(boxes: Tensor) -> Tensor:
 
 def _iou_block(gt_boxes: Tensor, gt_area: Tensor, columns: Tensor, area: Tensor, out: Tensor, tmp: Tensor, tmp2: Tensor) -> Tensor:
     """``box_iou(boxes, gt_boxes (g, 4)).T`` written into ``out (g, A)``, using ``tmp`` and
-    ``tmp2 (g, A)``; the boxes come as ``columns (4, A)``, their x1, y1, x2, y2 rows contiguous.
-    The same IEEE operations in the same order as torchvision's (width and height clamped at 0,
-    ``inter = w * h``, ``union = area + gt_area - inter``, ``inter / union``; min, max and the sum
-    of the areas commute), without its ``(A, g, 2)`` temporaries. Ground truths are the rows so
-    that every broadcast runs along the A boxes, contiguous: with ``(A, g)`` and a few ground
-    truths each op ran along rows of g strided values, about twice as slow."""
-    w = torch.minimum(gt_boxes[:, 2, None], columns[2], out=out)
-    w.sub_(torch.maximum(gt_boxes[:, 0, None], columns[0], out=tmp)).clamp_(min=0)
-    h = torch.minimum(gt_boxes[:, 3, None], columns[3], out=tmp)
-    h.sub_(torch.maximum(gt_boxes[:, 1, None], columns[1], out=tmp2)).clamp_(min=0)
-    inter = w.mul_(h)
-    union = torch.add(area, gt_area[:, None], out=tmp).sub_(inter)
-    return inter.div_(union)
+    ``tmp2 (g, A)``: :func:`~fasterrcnn.boxes.column_iou` (box_iou's numbers, without its
+    ``(A, g, 2)`` temporaries) with the boxes as ``columns (4, A)``, their x1, y1, x2, y2 rows
+    contiguous. Ground truths are the rows so that every broadcast runs along the A boxes: with
+    ``(A, g)`` and a few ground truths each op ran along rows of g strided values, about twice
+    as slow."""
+    return column_iou(gt_boxes[:, :, None].unbind(1), gt_area[:, None], columns, area, out, tmp, tmp2)
 
 
 class IoUMatch(NamedTuple):
