@@ -57,6 +57,7 @@ def test_strong_items_are_fixed_by_seed_epoch_and_index(tmp_path, data_dir):
     dm = _datamodule(tmp_path, data_dir, "augment=strong")
     train_set = dm.datasets["train"]
     assert train_set.draws_per_item and dm.datasets["val"].augment is None
+    assert train_set.cache.max_bytes == dm.datasets["val"].cache.max_bytes == 512 * 2**20  # data.cache_mb of the built-in data
     first = train_set[(1, 5)]
     torch.rand(7)  # whatever the global generator does in between
     again = train_set[(1, 5)]

@@ -103,6 +103,8 @@ def test_data_groups_instantiate(data):
     assert dm.num_classes == (6 if data == "shapes" else 20)
     if data == "voc0712":
         assert len(dm.sets["train"]) == 2
+    # the built-in data's decoded samples stay in memory; VOC's (gigabytes) are read each time
+    assert dm.cache_mb == (512 if data == "shapes" else 0)
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

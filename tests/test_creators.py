@@ -134,6 +134,75 @@ def test_proposals_carry_no_gradient():
     assert not out.requires_grad
 
 
+def _crowded_rpn(n=3000, seed=0, ties=False):
+    """RPN outputs whose boxes crowd around a few objects (a trained RPN's), as anchors, zero
+    deltas and scores; ``ties``: scores rounded to 1/64, so many are equal."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(12, 2, generator=g) * 300
+    pick = torch.randint(12, (n,), generator=g)
+    xy = centres[pick] + torch.randn(n, 2, generator=g) * 6
+    wh = 20 + torch.rand(n, 2, generator=g) * 40
+    anchors = torch.cat((xy, xy + wh), dim=1)
+    scores = torch.rand(n, generator=g)
+    if ties:
+        scores = (scores * 64).round() / 64
+    return torch.zeros(n, 4), scores, anchors
+
+
+class _CountingNMS:
+    def __init__(self, monkeypatch):
+        import fasterrcnn.creators as creators
+
+        self.calls = 0
+        for name in ("nms", "nms_topk"):
+            original = getattr(creators, name)
+            monkeypatch.setattr(creators, name, self._counted(original))
+
+    def _counted(self, fn):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize(
+    "counts,ties,shared",
+    [
+        ((600, 150, 2000, 300), False, True),  # the CPU default's shape: training the smaller count, from the testing NMS
+        ((600, 150, 2000, 1000), False, True),  # ... with proposals for recall
+        ((600, 150, 2000, 10), False, False),  # the testing NMS stops before deciding 150 training boxes: their own NMS
+        ((2500, 300, 2000, 300), False, False),  # the paper's shape (12000 -> 2000 above 6000 -> 300): their own
+        ((600, 150, 2000, 300), True, None),  # tied scores: shared only where the two top-k orders agree
+    ],
+)
+def test_proposal_creator_both_is_the_two_calls(monkeypatch, counts, ties, shared):
+    """ProposalCreator.both (a validation step's training and testing proposals) gives exactly
+    the two separate calls' boxes, with one NMS instead of two where the training boxes can be
+    read off the testing NMS."""
+    n_train_pre, n_train_post, n_test_pre, n_test_post = counts
+    creator = ProposalCreator(n_train_pre_nms=n_train_pre, n_train_post_nms=n_train_post, n_test_pre_nms=n_test_pre, n_test_post_nms=n_test_post, min_size=4)
+    for seed in range(4):
+        deltas, scores, anchors = _crowded_rpn(seed=seed, ties=ties)
+        train = creator(deltas, scores, anchors, (360, 360), training=True)
+        test = creator(deltas, scores, anchors, (360, 360), training=False)
+        counter = _CountingNMS(monkeypatch)
+        pair = creator.both(deltas, scores, anchors, (360, 360))
+        torch.testing.assert_close(pair[0], train, rtol=0, atol=0)
+        torch.testing.assert_close(pair[1], test, rtol=0, atol=0)
+        assert pair[0].shape[0] == min(n_train_post, train.shape[0]) and pair[1].shape[0] <= n_test_post
+        if shared is not None:
+            assert counter.calls == (1 if shared else 2)
+        monkeypatch.undo()
+    # recall's longer testing list: the first n_test_post are the testing proposals
+    longer = creator.both(deltas, scores, anchors, (360, 360), n_test_post_nms=2 * n_test_post)
+    torch.testing.assert_close(longer[1], creator(deltas, scores, anchors, (360, 360), training=False, n_post_nms=2 * n_test_post), rtol=0, atol=0)
+    torch.testing.assert_close(longer[0], train, rtol=0, atol=0)
+    # no box left after the size rule
+    empty = creator.both(deltas, scores, anchors * 0.01, (360, 360))
+    assert empty[0].shape == empty[1].shape == (0, 4)
+
+
 # ----------------------------------------------------------------------------- ProposalTargetCreator
 def _many_rois(gt, n=2000, seed=0):
     g = torch.Generator().manual_seed(seed)

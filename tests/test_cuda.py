@@ -104,11 +104,11 @@ def host_rand(monkeypatch):
 # Every call of one training step that makes the host wait for a GPU, by call site
 # (file, function, torch call), with its count per image (None: once per step) and why it stays.
 ALLOWED_SYNCS = {
-    ("creators.py", "__call__", "where"): (
+    ("creators.py", "_candidates", "where"): (
         1,
         "ProposalCreator: torchvision's remove_small_boxes returns the indices of the boxes it keeps (a count that depends on the data)",
     ),
-    ("creators.py", "__call__", "nms"): (
+    ("creators.py", "_select", "nms"): (
         1,
         "ProposalCreator: torchvision's CUDA NMS builds the overlap mask on the GPU and makes its greedy pass on the host",
     ),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fasterrcnn.data import DatasetError, VOCDetection, collate
-from fasterrcnn.data.dataset import DetectionDataset
+from fasterrcnn.data.dataset import DetectionDataset, SampleCache
 from fasterrcnn.data.shapes import SHAPE_CLASSES, dataset_params, ensure_dataset, generate, render_image
 from fasterrcnn.data.transforms import hflip, rescale_factor, resize
 from fasterrcnn.data.voc import parse_voc_xml
@@ -120,6 +120,69 @@ def test_detection_dataset_resizes_and_normalises(tmp_path):
     assert item["original_size"] == (40, 50)
     torch.testing.assert_close(item["boxes"], torch.tensor([[20.0, 20.0, 60.0, 40.0]]))
     torch.testing.assert_close(item["original_boxes"], torch.tensor([[10.0, 10.0, 30.0, 20.0]]))
+
+
+class CountingReader(torch.utils.data.Dataset):
+    """A reader that counts its reads, and can fail one index."""
+
+    def __init__(self, voc, bad=None):
+        self.voc, self.bad, self.reads = voc, bad, []
+
+    def __len__(self):
+        return len(self.voc)
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        if index == self.bad:
+            raise DatasetError("broken sample", kind="unreadable_image")
+        return self.voc[index]
+
+
+def test_sample_cache_reads_each_file_once_and_gives_out_copies(tmp_path):
+    images = {f"img{i}": [("cat", (11, 11, 30, 20), 0)] for i in range(3)}
+    voc = VOCDetection(write_voc(tmp_path, images, classes=("cat",)), "trainval", ("cat",))
+    plain = DetectionDataset(voc, min_size=80, max_size=200, mean=(0.5,) * 3, std=(0.5,) * 3)
+    reader = CountingReader(voc)
+    cached = DetectionDataset(reader, min_size=80, max_size=200, mean=(0.5,) * 3, std=(0.5,) * 3, cache_mb=1)
+    for _ in range(3):
+        for i in range(3):
+            a, b = plain[i], cached[i]
+            torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+            torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0)
+            assert a["image_id"] == b["image_id"]
+    assert reader.reads == [0, 1, 2]  # the files once; then the cache
+    # what a caller (an augmentation) does to a sample never reaches the cache
+    first, _ = cached._read(0)
+    first["image"].zero_()
+    first["boxes"].add_(5)
+    again, _ = cached._read(0)
+    torch.testing.assert_close(again["image"], voc[0]["image"], rtol=0, atol=0)
+    torch.testing.assert_close(again["boxes"], voc[0]["boxes"], rtol=0, atol=0)
+    assert cached.cache.bytes == sum(cached.cache._size(voc[i]) for i in range(3))
+
+
+def test_sample_cache_stops_at_its_size_and_never_keeps_a_bad_sample(tmp_path):
+    images = {f"img{i}": [("cat", (11, 11, 30, 20), 0)] for i in range(4)}
+    voc = VOCDetection(write_voc(tmp_path, images, classes=("cat",)), "trainval", ("cat",))
+    one = SampleCache(0)._size(voc[0])  # every sample has the same size here
+    cache = SampleCache(2 * one + one // 2)  # room for two
+    reader = CountingReader(voc, bad=3)
+    for _ in range(2):
+        for i in range(3):
+            torch.testing.assert_close(cache.read(i, reader.__getitem__)["image"], voc[i]["image"], rtol=0, atol=0)
+    assert sorted(cache.samples) == [0, 1] and cache.bytes == 2 * one
+    assert reader.reads == [0, 1, 2, 2]  # the third did not fit: read from the file each time
+    with pytest.raises(DatasetError):
+        cache.read(3, reader.__getitem__)
+    assert 3 not in cache.samples
+    # under on_bad_sample=skip the next good sample is returned, and the bad one is not cached
+    ds = DetectionDataset(CountingReader(voc, bad=3), min_size=80, max_size=200, mean=(0.5,) * 3, std=(0.5,) * 3, on_bad_sample="skip", cache_mb=1)
+    item = ds[3]
+    assert item["image_id"] == "img0" and len(item["skipped"]) == 1
+    assert sorted(ds.cache.samples) == [0]
+    for bad in (-1, "lots", True):
+        with pytest.raises(ValueError, match="cache_mb"):
+            DetectionDataset(voc, min_size=80, max_size=200, mean=(0.5,) * 3, std=(0.5,) * 3, cache_mb=bad)
 
 
 def test_parallel_generation_writes_the_same_files(tmp_path):

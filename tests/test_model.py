@@ -44,6 +44,39 @@ def test_losses_and_predict_shapes():
         assert bool((det["scores"][:-1] >= det["scores"][1:]).all())
 
 
+def test_a_validation_trace_is_the_training_and_the_testing_trace(monkeypatch):
+    """trace(gt, detect=True) (a validation step) takes both proposal counts from one
+    ProposalCreator.both per image and gives exactly the training-only and the detection-only
+    traces: proposals, sampled RoIs, losses, detections and recall's longer proposal list."""
+    model, _ = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64", "sampler.proposal.n_train_pre_nms=300", "sampler.proposal.n_train_post_nms=100"])
+    model.eval()
+    images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(0))
+    sizes, originals = [(160, 224), (144, 224)], [(320, 448), (288, 448)]
+    boxes = [torch.tensor([[10.0, 10.0, 90.0, 70.0], [100.0, 40.0, 200.0, 150.0]]), torch.tensor([[30.0, 20.0, 120.0, 100.0]])]
+    labels = [torch.tensor([2, 5]), torch.tensor([1])]
+    calls = []
+    both = model.proposal_creator.both
+    monkeypatch.setattr(model.proposal_creator, "both", lambda *a, **k: calls.append(1) or both(*a, **k))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        joint = model.trace(images, sizes, originals, boxes, labels, detect=True, num_proposals=1000)
+        assert len(calls) == 2  # one per image
+        torch.manual_seed(0)
+        training = model.trace(images, sizes, originals, boxes, labels).training
+        testing = model.trace(images, sizes, originals, detect=True, num_proposals=1000).testing
+    assert len(calls) == 2
+    for a, b in zip(joint.training.proposals + joint.testing.proposals, training.proposals + testing.proposals):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in ("rois", "roi_labels", "roi_targets"):
+        torch.testing.assert_close(getattr(joint.training, name), getattr(training, name), rtol=0, atol=0)
+    for key in ("rpn_cls", "rpn_loc", "roi_cls", "roi_loc", "loss"):
+        torch.testing.assert_close(joint.training.losses[key], training.losses[key], rtol=0, atol=0)
+    for a, b in zip(joint.testing.detections, testing.detections):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert joint.training.proposals[0].shape[0] <= 100 < joint.testing.proposals[0].shape[0]
+
+
 def test_predict_per_class_nms_in_one_call():
     model, _ = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64"])
     probs = torch.tensor([[0.1, 0.5, 0.4], [0.1, 0.45, 0.45]])  # 2 RoIs, 2 classes

@@ -243,13 +243,16 @@ class FasterRCNN(nn.Module):
         """
         features, objectness, rpn_deltas, anchors = self.rpn_forward(images)
         trace = Trace(list(image_sizes), list(original_sizes), features, anchors, objectness, rpn_deltas)
+        if gt_boxes is not None and gt_labels is None:
+            raise ValueError("trace: gt_boxes were given without gt_labels")
+        proposals: tuple[list[Tensor] | None, list[Tensor] | None] = (None, None)
+        if gt_boxes is not None and detect:  # a validation step: both counts from one ProposalCreator pass
+            proposals = self.proposal_pairs(objectness, rpn_deltas, anchors, image_sizes, original_sizes, self._test_post_nms(num_proposals))
         if gt_boxes is not None:
-            if gt_labels is None:
-                raise ValueError("trace: gt_boxes were given without gt_labels")
-            trace.training = self._training_stages(trace, gt_boxes, gt_labels)
+            trace.training = self._training_stages(trace, gt_boxes, gt_labels, proposals[0])  # type: ignore[arg-type]
         if detect:
             with torch.no_grad():
-                trace.testing = self._test_stages(trace, score_thresh, nms_thresh, num_proposals)
+                trace.testing = self._test_stages(trace, score_thresh, nms_thresh, num_proposals, proposals[1])
         return trace
 
     def losses(
@@ -327,7 +330,32 @@ class FasterRCNN(nn.Module):
                 for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
             ]
 
-    def _training_stages(self, trace: Trace, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> TrainingStages:
+    def proposal_pairs(
+        self,
+        logits: Tensor,
+        deltas: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Size],
+        original_sizes: Sequence[Size],
+        n_test_post_nms: int | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`proposals` with the training counts and with the testing counts (up to
+        ``n_test_post_nms``), the same boxes, from one :meth:`ProposalCreator.both` per image."""
+        with record_function("proposal_creator"):
+            fg = logits.detach().float().softmax(dim=-1)[..., 1]  # (N, A)
+            deltas = deltas.detach().float()
+            pairs = [
+                self.proposal_creator.both(deltas[i], fg[i], anchors, size, size[0] / orig[0], n_test_post_nms=n_test_post_nms)
+                for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
+            ]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _test_post_nms(self, num_proposals: int | None) -> int | None:
+        """How many testing proposals to keep: the testing count, or ``num_proposals`` when more."""
+        n_test = self.proposal_creator.n_post_nms["testing"]
+        return max(n_test, num_proposals) if num_proposals else None
+
+    def _training_stages(self, trace: Trace, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor], proposals: list[Tensor] | None = None) -> TrainingStages:
         n = trace.features.shape[0]
         sizes = trace.image_sizes
         # RPN targets: (N, A) labels and (N, A, 4) deltas.
@@ -337,7 +365,8 @@ class FasterRCNN(nn.Module):
             anchor_targets = torch.stack([t[1] for t in rpn_targets])
 
         # RoI head targets on the sampled proposals.
-        proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, trace.original_sizes, training=True)
+        if proposals is None:
+            proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, trace.original_sizes, training=True)
         with record_function("proposal_target_creator"):
             sampled = [self.proposal_target_creator(proposals[i], gt_boxes[i], gt_labels[i]) for i in range(n)]
             rois = torch.cat([s[0] for s in sampled])  # (R, 4)
@@ -362,13 +391,15 @@ class FasterRCNN(nn.Module):
             losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
         return TrainingStages(anchor_labels, anchor_targets, proposals, rois, batch_index, roi_labels, roi_targets, class_logits, box_deltas, losses)
 
-    def _test_stages(self, trace: Trace, score_thresh: float | None, nms_thresh: float | None, num_proposals: int | None) -> TestStages:
+    def _test_stages(
+        self, trace: Trace, score_thresh: float | None, nms_thresh: float | None, num_proposals: int | None, all_proposals: list[Tensor] | None = None
+    ) -> TestStages:
         score_thresh = self.score_thresh if score_thresh is None else score_thresh
         nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
         sizes, originals = trace.image_sizes, trace.original_sizes
         n_test = self.proposal_creator.n_post_nms["testing"]
-        n_post = max(n_test, num_proposals) if num_proposals else None
-        all_proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, originals, training=False, n_post_nms=n_post)
+        if all_proposals is None:
+            all_proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, originals, training=False, n_post_nms=self._test_post_nms(num_proposals))
         proposals = [p[:n_test] for p in all_proposals]
         rois = torch.cat(proposals)
         batch_index = batch_indices(proposals)

@@ -97,6 +97,10 @@ class VOCDataModule(L.LightningDataModule):
         val_shift: also validate on ``shift_sets`` (a second validation loader, logged as
             ``val_shift/...``; selection stays on ``val/map``).
         batch_size, num_workers: the DataLoader's.
+        cache_mb: keep up to that many MiB of each split's decoded samples in memory
+            (:class:`fasterrcnn.data.dataset.SampleCache`, per process: each DataLoader worker
+            holds its own), so epochs after the first do not decode the files again; 0 (the
+            default, and VOC's and COCO's): read the files every time.
         builtin: parameters of the built-in dataset (``num_train``, ``num_val``, ``num_test``,
             ``seed``); when set, ``root`` is the generated folder under ``data_dir``.
         download: download missing VOC years (needs internet) instead of failing.
@@ -148,6 +152,7 @@ class VOCDataModule(L.LightningDataModule):
         on_bad_sample: str = "error",
         val_holdout: float = 0.0,
         max_objects: int | None = MAX_OBJECTS,
+        cache_mb: float = 0,
     ) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
@@ -181,6 +186,7 @@ class VOCDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache_mb = cache_mb
         self.builtin = dict(builtin) if builtin else None
         self.download = download
         self.data_dir = data_dir
@@ -278,7 +284,7 @@ class VOCDataModule(L.LightningDataModule):
         # Training: augmented, at the (multi-scale) training sizes; the rest at the test size.
         min_size = self.min_size if train else self.test_min_size
         augment = self.augment if train else None
-        return DetectionDataset(voc, min_size, self.max_size, self.mean, self.std, augment=augment, seed=self.seed, on_bad_sample=policy, stage=stage)
+        return DetectionDataset(voc, min_size, self.max_size, self.mean, self.std, augment=augment, seed=self.seed, on_bad_sample=policy, stage=stage, cache_mb=self.cache_mb)
 
     def _checked(self, stage: str, voc: VOCDetection) -> VOCDetection:
         """``voc`` after checking every sample up front: under "skip" without its bad samples

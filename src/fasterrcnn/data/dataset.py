@@ -5,7 +5,7 @@ resized and normalised, with the skip policy for a sample that cannot be read
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -21,6 +21,41 @@ log = logging.getLogger(__name__)
 ON_BAD_SAMPLE = ("skip", "error")
 # Under "skip", a read that fails this many samples in a row stops: the data is broken, not a file.
 MAX_CONSECUTIVE_BAD = 16
+
+
+class SampleCache:
+    """Decoded samples of a reader kept in memory (``data.cache_mb``), up to ``max_bytes`` of
+    tensors in this process: once that is reached, further samples are read from the files
+    each time and nothing is evicted. A cached sample is given out as copies of its tensors, so
+    what an augmentation does to an image never reaches the cache. A read that raises (a bad
+    sample) is not cached.
+
+    Training reads every image once per epoch, four times under ``augment.mosaic``; decoding
+    and parsing a built-in sample costs about 1.5 ms, a copy from here about 0.05 ms.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"the sample cache's size must be a non-negative number of bytes, not {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.samples: dict[int, dict] = {}
+
+    @staticmethod
+    def _size(item: dict) -> int:
+        return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
+
+    def read(self, index: int, read: Callable[[int], dict]) -> dict:
+        """Sample ``index``: from the cache, or ``read(index)`` (kept while there is room)."""
+        item = self.samples.get(index)
+        if item is None:
+            item = read(index)
+            size = self._size(item)
+            if self.bytes + size > self.max_bytes:
+                return item
+            self.samples[index] = item
+            self.bytes += size
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
 
 class DetectionDataset(Dataset):
@@ -46,7 +81,10 @@ class DetectionDataset(Dataset):
 
     A sample the reader cannot read (:class:`DatasetError`, e.g. an image that fails to decode)
     raises under ``on_bad_sample="error"``; under ``"skip"`` the next good sample is returned
-    instead, with a warning, listed in the item's ``"skipped"`` (which the DataModule counts)."""
+    instead, with a warning, listed in the item's ``"skipped"`` (which the DataModule counts).
+
+    ``cache_mb``: keep up to that many MiB of decoded samples in memory (:class:`SampleCache`;
+    0: none), so later epochs do not decode the files again."""
 
     def __init__(
         self,
@@ -59,6 +97,7 @@ class DetectionDataset(Dataset):
         seed: int = 0,
         on_bad_sample: str = "error",
         stage: str = "",
+        cache_mb: float = 0,
     ) -> None:
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, not {on_bad_sample!r}")
@@ -70,6 +109,9 @@ class DetectionDataset(Dataset):
         self.epoch = 0
         self.on_bad_sample = on_bad_sample
         self.stage = stage
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb >= 0:
+            raise ValueError(f"data.cache_mb is a size in MiB, 0 or more (0: no cache), not {cache_mb!r}")
+        self.cache = SampleCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
 
     @property
     def flip_prob(self) -> float:
@@ -91,7 +133,8 @@ class DetectionDataset(Dataset):
         skipped: list[tuple[str, str, str]] = []
         for step in range(min(len(self), MAX_CONSECUTIVE_BAD)):
             try:
-                return self.voc[(index + step) % len(self)], skipped
+                position = (index + step) % len(self)
+                return (self.cache.read(position, self.voc.__getitem__) if self.cache else self.voc[position]), skipped
             except DatasetError as err:
                 if self.on_bad_sample == "error":
                     raise
