@@ -323,8 +323,7 @@ class FasterRCNN(nn.Module):
     ) -> list[Tensor]:
         """ProposalCreator on each image: a list of N ``(R_i, 4)`` tensors, sorted by score."""
         with record_function("proposal_creator"):
-            fg = logits.detach().float().softmax(dim=-1)[..., 1]  # (N, A)
-            deltas = deltas.detach().float()
+            fg, deltas = _scores_and_deltas(logits, deltas)
             return [
                 self.proposal_creator(deltas[i], fg[i], anchors, size, size[0] / orig[0], training=training, n_post_nms=n_post_nms)
                 for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
@@ -342,8 +341,7 @@ class FasterRCNN(nn.Module):
         """:meth:`proposals` with the training counts and with the testing counts (up to
         ``n_test_post_nms``), the same boxes, from one :meth:`ProposalCreator.both` per image."""
         with record_function("proposal_creator"):
-            fg = logits.detach().float().softmax(dim=-1)[..., 1]  # (N, A)
-            deltas = deltas.detach().float()
+            fg, deltas = _scores_and_deltas(logits, deltas)
             pairs = [
                 self.proposal_creator.both(deltas[i], fg[i], anchors, size, size[0] / orig[0], n_test_post_nms=n_test_post_nms)
                 for i, (size, orig) in enumerate(zip(image_sizes, original_sizes))
@@ -432,6 +430,12 @@ class FasterRCNN(nn.Module):
         if self.max_detections is not None:
             keep = keep[: self.max_detections]
         return {"boxes": to_original(boxes[keep], image_size, original_size), "scores": scores[keep], "labels": labels[keep]}
+
+
+def _scores_and_deltas(logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """What ProposalCreator reads of the RPN's ``(N, A, 2)`` logits and ``(N, A, 4)`` deltas:
+    the ``(N, A)`` foreground probabilities and the deltas, detached, in fp32."""
+    return logits.detach().float().softmax(dim=-1)[..., 1], deltas.detach().float()
 
 
 def detections_with_proposals(trace: Trace) -> list[dict[str, Tensor]]:
