@@ -18,6 +18,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
 from torchvision.ops import box_iou
 
 from fasterrcnn.build import UnsafeConfigError
@@ -265,6 +266,63 @@ def test_iou_crop_keeps_only_whole_enough_boxes():
     assert dropped > 0
 
 
+def _random_crop_case(generator: torch.Generator, case: int):
+    """An image size and 0-14 boxes (some degenerate, some at the border) for the IoU crop."""
+    h, w = (int(v) for v in torch.randint(8, 400, (2,), generator=generator))
+    k = int(torch.randint(0, 15, (1,), generator=generator)) if case % 4 else int(torch.randint(1, 3, (1,), generator=generator))
+    size = torch.tensor([w, h]).float()
+    xy = torch.rand(k, 2, generator=generator) * size
+    wh = torch.rand(k, 2, generator=generator) * size * (0.05 if case % 3 == 0 else 0.7)
+    if case % 7 == 0 and k:
+        wh[0] = 0.0  # a zero-area box
+    boxes = torch.cat([xy, (xy + wh).minimum(size)], 1)
+    return tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)), tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+
+
+def test_iou_crop_is_v2s_crop_with_v2s_draws():
+    """IoUCrop tests all of an option's trials at once: the same crop (or none) as
+    v2.RandomIoUCrop, and the global generator left exactly where v2's loop leaves it."""
+    from torchvision.transforms import v2
+
+    from fasterrcnn.data.augment import IoUCrop
+
+    generator = torch.Generator().manual_seed(0)
+    theirs, ours = v2.RandomIoUCrop(), IoUCrop()
+    cropped = 0
+    for case in range(400):
+        image, boxes = _random_crop_case(generator, case)
+        if boxes.shape[0] == 0 and case % 5:
+            continue  # v2 redraws options until "no crop": slow, keep a few
+        results = []
+        for transform in (theirs, ours):
+            torch.manual_seed(case)
+            params = transform.make_params([image, boxes])
+            results.append((params, torch.get_rng_state(), torch.rand(())))
+        (p_theirs, state_theirs, next_theirs), (p_ours, state_ours, next_ours) = results
+        assert torch.equal(state_theirs, state_ours) and next_theirs == next_ours, case
+        assert p_theirs.keys() == p_ours.keys(), case
+        for key, value in p_theirs.items():
+            assert torch.equal(value, p_ours[key]) if isinstance(value, torch.Tensor) else value == p_ours[key], (case, key)
+        cropped += bool(p_ours)
+    assert cropped > 100
+    # the whole transform: the same image and boxes
+    image, boxes = _random_crop_case(torch.Generator().manual_seed(1), 1)
+    image = tv_tensors.Image(torch.randint(0, 256, image.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2)))
+    for seed in range(20):
+        outs = []
+        for transform in (theirs, ours):
+            torch.manual_seed(seed)
+            outs.append(transform(image, boxes))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_augment_builds_the_fast_iou_crop():
+    from fasterrcnn.data.augment import IoUCrop
+
+    transforms = no_hflip(iou_crop=0.3).transforms.transforms
+    assert [type(t.transforms[0]) for t in transforms if hasattr(t, "transforms")] == [IoUCrop]
+
+
 def test_bad_parameters_are_refused():
     for kwargs in ({"hflip": 1.5}, {"rng": "numpy"}, {"min_box_size": 0.5}, {"scale_jitter": (1.2, 0.8)}, {"zoom_out": 0.5, "zoom_out_max": 0.9}, {"hue": 0.7},
                    {"stretch": (2.0, 0.5)}, {"stretch": (0.0, 2.0)}, {"noise": 0.5, "noise_sigma": (0.1, 0.05)}, {"noise": 0.5, "noise_sigma": (0.0, 1.5)}):
@@ -279,7 +337,7 @@ def test_every_choice_builds_and_takes_the_overhead_options():
         augment = build_augment(augment_config(f"augment={choice}", "augment.vflip=0.5", "augment.rot90=true"))
         names = repr(augment.transforms)
         assert "RandomHorizontalFlip(p=0.5)" in names and "RandomVerticalFlip(p=0.5)" in names and "RandomRotation" in names
-        assert ("ColorJitter" in names) == (choice != "paper") and ("RandomIoUCrop" in names) == (choice in ("strong", "robust"))
+        assert ("ColorJitter" in names) == (choice != "paper") and ("IoUCrop(" in names) == (choice in ("strong", "robust"))
         assert ("RandomStretch" in names) == ("RandomNoise" in names) == (choice == "robust")
     assert build_augment(augment_config("augment=light")).rng == "item"
 

@@ -47,7 +47,9 @@ def test_losses_and_predict_shapes():
 def test_a_validation_trace_is_the_training_and_the_testing_trace(monkeypatch):
     """trace(gt, detect=True) (a validation step) takes both proposal counts from one
     ProposalCreator.both per image and gives exactly the training-only and the detection-only
-    traces: proposals, sampled RoIs, losses, detections and recall's longer proposal list."""
+    traces: proposals, sampled RoIs, losses, detections and recall's longer proposal list. Without
+    a gradient both branches' RoIs go through the RoI head in one call; with one, the training
+    branch's call keeps its graph and the detections have none."""
     model, _ = _model(["backbone.widths=[8,16,16,32]", "backbone.head_features=64", "sampler.proposal.n_train_pre_nms=300", "sampler.proposal.n_train_post_nms=100"])
     model.eval()
     images = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(0))
@@ -57,14 +59,23 @@ def test_a_validation_trace_is_the_training_and_the_testing_trace(monkeypatch):
     calls = []
     both = model.proposal_creator.both
     monkeypatch.setattr(model.proposal_creator, "both", lambda *a, **k: calls.append(1) or both(*a, **k))
+    head_calls = []
+    model.roi_head.register_forward_hook(lambda module, args, out: head_calls.append(args[1].shape[0]))
     with torch.no_grad():
         torch.manual_seed(0)
         joint = model.trace(images, sizes, originals, boxes, labels, detect=True, num_proposals=1000)
         assert len(calls) == 2  # one per image
+        assert head_calls == [joint.training.rois.shape[0] + joint.testing.rois.shape[0]]  # one RoI head call
         torch.manual_seed(0)
         training = model.trace(images, sizes, originals, boxes, labels).training
         testing = model.trace(images, sizes, originals, detect=True, num_proposals=1000).testing
     assert len(calls) == 2
+    assert len(head_calls) == 3
+    torch.manual_seed(0)
+    with_grad = model.trace(images, sizes, originals, boxes, labels, detect=True, num_proposals=1000)
+    assert len(head_calls) == 5  # the branches apart
+    assert with_grad.training.losses["loss"].requires_grad and not with_grad.testing.class_logits.requires_grad
+    torch.testing.assert_close(with_grad.training.losses["loss"].detach(), training.losses["loss"], rtol=0, atol=0)
     for a, b in zip(joint.training.proposals + joint.testing.proposals, training.proposals + testing.proposals):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for name in ("rois", "roi_labels", "roi_targets"):

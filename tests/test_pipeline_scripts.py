@@ -191,8 +191,8 @@ def _count_calls(monkeypatch, owner, name: str, calls: list) -> None:
 
 
 def test_shapes_report_reads_one_trace(tmp_path, data_dir, monkeypatch):
-    """The report runs the detector once (FasterRCNN.trace: one RPN head, one RoI pooling per
-    branch) and shows what that trace keeps."""
+    """The report runs the detector once (FasterRCNN.trace: one RPN head, and without a gradient
+    one RoI pooling for both branches' RoIs) and shows what that trace keeps."""
     cfg = compose_config([f"paths.data_dir={data_dir}", *SMALL_DATA, "model.rpn_mid_channels=64"], tmp_path, return_hydra_config=True, pretrained=False)
     traces, rpn_calls, pool_calls = [], [], []
     _count_calls(monkeypatch, FasterRCNN, "trace", traces)
@@ -200,8 +200,9 @@ def test_shapes_report_reads_one_trace(tmp_path, data_dir, monkeypatch):
     _count_calls(monkeypatch, RoIHead, "pool", pool_calls)
     text = shapes_report(cfg, index=2, seed=1)
     (t,) = traces
-    assert len(rpn_calls) == 1 and len(pool_calls) == 2  # the training and the test branch
     assert t.training is not None and t.testing is not None
+    assert len(rpn_calls) == 1 and len(pool_calls) == 1  # the training and the test branch's RoIs together
+    assert pool_calls[0].shape[0] == t.training.rois.shape[0] + t.testing.rois.shape[0]
     assert _dims(_line(text, "shared", "RPN 3x3 conv *"))[1] == 64
     assert _dims(_line(text, "train", "RPN labels")) == tuple(t.training.anchor_labels.shape)
     assert _dims(_line(text, "train", "sampled RoIs")) == tuple(t.training.rois.shape)

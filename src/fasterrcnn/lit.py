@@ -185,8 +185,8 @@ class FasterRCNNModule(L.LightningModule):
         self._val_loss_sums[prefix] = (total + step, images + count)
 
     def validation_step(self, batch: DetectionBatch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Losses, detections and proposal recall from one trunk pass (:meth:`FasterRCNN.trace`
-        with both branches); returns the detections (with proposals) for callbacks such as the
+        """Losses, detections and proposal recall from one trunk pass, one proposal pass and one
+        RoI head call (:meth:`FasterRCNN.trace` with both branches); returns the detections (with proposals) for callbacks such as the
         dashboard's image panel. Under ``data.val_shift`` the second loader (``dataloader_idx``
         1) is the shifted split, logged as ``val_shift/...``."""
         prefix, evaluator = VAL_PREFIXES[dataloader_idx], self.evaluators[dataloader_idx]

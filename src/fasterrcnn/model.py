@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,29 @@ class Trace:
     rpn_deltas: Tensor
     training: TrainingStages | None = None
     testing: TestStages | None = None
+
+
+class _TrainingRoIs(NamedTuple):
+    """The training branch before the RoI head (:meth:`FasterRCNN._training_rois`); the fields
+    are :class:`TrainingStages`'."""
+
+    anchor_labels: Tensor
+    anchor_targets: Tensor
+    proposals: list[Tensor]
+    rois: Tensor
+    batch_index: Tensor
+    roi_labels: Tensor
+    roi_targets: Tensor
+
+
+class _TestRoIs(NamedTuple):
+    """The detection branch before the RoI head (:meth:`FasterRCNN._test_rois`): every testing
+    proposal, the head's ``rois (R, 4)`` and ``batch_index (R,)``, and each image's count of them."""
+
+    proposals: list[Tensor]
+    rois: Tensor
+    batch_index: Tensor
+    counts: list[int]
 
 
 class FasterRCNN(nn.Module):
@@ -248,11 +272,27 @@ class FasterRCNN(nn.Module):
         proposals: tuple[list[Tensor] | None, list[Tensor] | None] = (None, None)
         if gt_boxes is not None and detect:  # a validation step: both counts from one ProposalCreator pass
             proposals = self.proposal_pairs(objectness, rpn_deltas, anchors, image_sizes, original_sizes, self._test_post_nms(num_proposals))
-        if gt_boxes is not None:
-            trace.training = self._training_stages(trace, gt_boxes, gt_labels, proposals[0])  # type: ignore[arg-type]
+        training = self._training_rois(trace, gt_boxes, gt_labels, proposals[0]) if gt_boxes is not None else None  # type: ignore[arg-type]
+        testing = None
         if detect:
             with torch.no_grad():
-                trace.testing = self._test_stages(trace, score_thresh, nms_thresh, num_proposals, proposals[1])
+                testing = self._test_rois(trace, num_proposals, proposals[1])
+        train_head = test_head = None
+        if training is not None and testing is not None and not torch.is_grad_enabled():
+            # A validation step: both branches' RoIs through the RoI head in one call (one pooling,
+            # one pass of the layers; each RoI's outputs are its own: the same numbers).
+            train_head, test_head = self._roi_head_split(features, (training, testing))
+        else:
+            if training is not None:
+                train_head = self.roi_head(features, training.rois, training.batch_index)
+            if testing is not None:
+                with torch.no_grad():
+                    test_head = self.roi_head(features, testing.rois, testing.batch_index)
+        if training is not None:
+            trace.training = self._training_losses(trace, training, *train_head)  # type: ignore[misc]
+        if testing is not None:
+            with torch.no_grad():
+                trace.testing = self._test_detections(trace, testing, *test_head, score_thresh, nms_thresh)  # type: ignore[misc]
         return trace
 
     def losses(
@@ -353,7 +393,8 @@ class FasterRCNN(nn.Module):
         n_test = self.proposal_creator.n_post_nms["testing"]
         return max(n_test, num_proposals) if num_proposals else None
 
-    def _training_stages(self, trace: Trace, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor], proposals: list[Tensor] | None = None) -> TrainingStages:
+    def _training_rois(self, trace: Trace, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor], proposals: list[Tensor] | None = None) -> _TrainingRoIs:
+        """The training branch up to the RoI head: anchor targets, proposals, sampled RoIs and their targets."""
         n = trace.features.shape[0]
         sizes = trace.image_sizes
         # RPN targets: (N, A) labels and (N, A, 4) deltas.
@@ -372,45 +413,63 @@ class FasterRCNN(nn.Module):
             matched = torch.cat([s[2] for s in sampled])  # (R, 4) the ground truth of each RoI
             roi_targets = torch.where((roi_labels >= 1)[:, None], self.roi_box_coder.encode(rois, matched), 0.0)
             batch_index = batch_indices([s[0] for s in sampled])
-        class_logits, box_deltas = self.roi_head(trace.features, rois, batch_index)
+        return _TrainingRoIs(anchor_labels, anchor_targets, proposals, rois, batch_index, roi_labels, roi_targets)
 
+    def _training_losses(self, trace: Trace, part: _TrainingRoIs, class_logits: Tensor, box_deltas: Tensor) -> TrainingStages:
+        """The four losses, from the RoI head's outputs on ``part``'s RoIs."""
+        n = trace.features.shape[0]
         with record_function("losses"):
             # fp32 under autocast: the losses sum over thousands of items.
             logits, deltas = trace.objectness.float(), trace.rpn_deltas.float()
             cls_logits, roi_deltas = class_logits.float(), box_deltas.float()
+            anchor_labels, roi_labels = part.anchor_labels, part.roi_labels
             losses = {
                 "rpn_cls": classification_loss(logits.reshape(-1, 2), anchor_labels.reshape(-1), self.focal_gamma, self.focal_alpha),
-                "rpn_loc": localisation_loss(deltas.reshape(-1, 4), anchor_targets.reshape(-1, 4), anchor_labels.reshape(-1), self.rpn_sigma),
+                "rpn_loc": localisation_loss(deltas.reshape(-1, 4), part.anchor_targets.reshape(-1, 4), anchor_labels.reshape(-1), self.rpn_sigma),
                 "roi_cls": classification_loss(cls_logits, roi_labels, self.focal_gamma, self.focal_alpha),
-                "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), roi_targets, roi_labels, self.roi_sigma),
+                "roi_loc": localisation_loss(select_class_deltas(roi_deltas, roi_labels), part.roi_targets, roi_labels, self.roi_sigma),
             }
             losses["loss"] = losses["rpn_cls"] + losses["rpn_loc"] + losses["roi_cls"] + losses["roi_loc"]
             losses["num_pos_anchors"] = (anchor_labels == 1).sum().float() / n
             losses["num_pos_rois"] = (roi_labels >= 1).sum().float() / n
-        return TrainingStages(anchor_labels, anchor_targets, proposals, rois, batch_index, roi_labels, roi_targets, class_logits, box_deltas, losses)
+        return TrainingStages(
+            part.anchor_labels, part.anchor_targets, part.proposals, part.rois, part.batch_index, roi_labels, part.roi_targets, class_logits, box_deltas, losses
+        )
 
-    def _test_stages(
-        self, trace: Trace, score_thresh: float | None, nms_thresh: float | None, num_proposals: int | None, all_proposals: list[Tensor] | None = None
+    def _test_rois(self, trace: Trace, num_proposals: int | None, all_proposals: list[Tensor] | None = None) -> _TestRoIs:
+        """The detection branch up to the RoI head: the testing proposals (up to ``num_proposals``)
+        and the RoIs the head sees, the first ``n_test_post_nms`` of each image."""
+        if all_proposals is None:
+            all_proposals = self.proposals(
+                trace.objectness, trace.rpn_deltas, trace.anchors, trace.image_sizes, trace.original_sizes, training=False,
+                n_post_nms=self._test_post_nms(num_proposals),
+            )
+        n_test = self.proposal_creator.n_post_nms["testing"]
+        proposals = [p[:n_test] for p in all_proposals]
+        return _TestRoIs(all_proposals, torch.cat(proposals), batch_indices(proposals), [p.shape[0] for p in proposals])
+
+    def _test_detections(
+        self, trace: Trace, part: _TestRoIs, class_logits: Tensor, box_deltas: Tensor, score_thresh: float | None, nms_thresh: float | None
     ) -> TestStages:
+        """Detections per image from the RoI head's outputs on ``part``'s RoIs."""
         score_thresh = self.score_thresh if score_thresh is None else score_thresh
         nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
         sizes, originals = trace.image_sizes, trace.original_sizes
-        n_test = self.proposal_creator.n_post_nms["testing"]
-        if all_proposals is None:
-            all_proposals = self.proposals(trace.objectness, trace.rpn_deltas, trace.anchors, sizes, originals, training=False, n_post_nms=self._test_post_nms(num_proposals))
-        proposals = [p[:n_test] for p in all_proposals]
-        rois = torch.cat(proposals)
-        batch_index = batch_indices(proposals)
-        class_logits, box_deltas = self.roi_head(trace.features, rois, batch_index)
         with record_function("postprocess"):
             probs = class_logits.float().softmax(dim=-1)  # (R, K+1)
-            boxes = self.roi_box_coder.decode(rois[:, None, :], box_deltas.float())  # (R, K+1, 4)
-            counts = [p.shape[0] for p in proposals]
+            boxes = self.roi_box_coder.decode(part.rois[:, None, :], box_deltas.float())  # (R, K+1, 4)
             detections = [
                 self.postprocess(probs_i, boxes_i, sizes[i], originals[i], score_thresh, nms_thresh)
-                for i, (probs_i, boxes_i) in enumerate(zip(probs.split(counts), boxes.split(counts)))
+                for i, (probs_i, boxes_i) in enumerate(zip(probs.split(part.counts), boxes.split(part.counts)))
             ]
-        return TestStages(all_proposals, rois, batch_index, class_logits, box_deltas, probs, boxes, detections)
+        return TestStages(part.proposals, part.rois, part.batch_index, class_logits, box_deltas, probs, boxes, detections)
+
+    def _roi_head_split(self, features: Tensor, parts: tuple[_TrainingRoIs, _TestRoIs]) -> list[tuple[Tensor, Tensor]]:
+        """The RoI head on the RoIs of several branches at once: per branch, its ``class_logits``
+        and ``box_deltas``. Pooling, the layers and the classifiers treat each RoI on its own."""
+        counts = [p.rois.shape[0] for p in parts]
+        class_logits, box_deltas = self.roi_head(features, torch.cat([p.rois for p in parts]), torch.cat([p.batch_index for p in parts]))
+        return list(zip(class_logits.split(counts), box_deltas.split(counts)))
 
     def postprocess(
         self, probs: Tensor, boxes: Tensor, image_size: Size, original_size: Size, score_thresh: float, nms_thresh: float

@@ -10,7 +10,8 @@ geometry. The choices (``conf/augment/``):
 * ``light``: the flip and photometric changes (``v2.ColorJitter``), sometimes a Gaussian blur or
   Gaussian noise;
 * ``strong``: light, plus scale jitter (``v2.RandomAffine`` scale and shift, the canvas kept),
-  zoom-out (``v2.RandomZoomOut``) and the IoU crop of SSD (``v2.RandomIoUCrop``);
+  zoom-out (``v2.RandomZoomOut``) and the IoU crop of SSD (``v2.RandomIoUCrop``, as
+  :class:`IoUCrop`: the same crops, drawn faster);
 * ``stretch`` (aspect-ratio jitter, :class:`RandomStretch`: a resize by ``TF.resize``, which moves
   the boxes) and a noise strength drawn per image (``noise_sigma: [min, max]``,
   :class:`RandomNoise`) are parameters any choice can set.
@@ -55,6 +56,7 @@ generator, after :class:`Augment`; evaluation uses one size, :func:`eval_min_siz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -64,6 +66,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision import tv_tensors
+from torchvision.ops import box_iou
 from torchvision.transforms import v2
 
 # The ImageNet mean as uint8: what zoom-out and scale jitter fill the canvas with, so the filled
@@ -140,7 +143,7 @@ def eval_min_size(min_size: int | Sequence[int], test_min_size: int | None = Non
     return int(test_min_size)
 
 
-# ---------------------------------------------------------------------- two v2 transforms v2 lacks
+# ---------------------------------------------------------------------- transforms v2 lacks, and a faster IoU crop
 def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
     """``(H, W)`` of the image among a v2 transform's inputs."""
     image = next(i for i in flat_inputs if isinstance(i, tv_tensors.Image))
@@ -222,6 +225,70 @@ class RandomNoise(_SigmaPerImage):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(TF.gaussian_noise, inpt, mean=0.0, sigma=params["sigma"], clip=True)
+
+
+class IoUCrop(v2.RandomIoUCrop):
+    """``v2.RandomIoUCrop`` (SSD's crop) with the same draws and the same crop, its trials tested
+    together: v2 tests one trial at a time with a dozen small tensor ops (about 4 ms a crop on
+    the CPU, most trials failing); this draws all of an option's trial numbers at once, finds
+    the first trial v2 would accept with a few ops over all of them, and leaves torch's
+    generator where v2's loop would have left it (``tests/test_augment.py`` checks the crops and
+    the generator state against v2's)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        orig_h, orig_w = _image_size(flat_inputs)
+        boxes = next(i for i in flat_inputs if isinstance(i, tv_tensors.BoundingBoxes))
+        xyxy = TF.convert_bounding_box_format(boxes.as_subclass(Tensor), boxes.format, tv_tensors.BoundingBoxFormat.XYXY)
+        centres = (0.5 * (xyxy[..., 0] + xyxy[..., 2]), 0.5 * (xyxy[..., 1] + xyxy[..., 3]))
+        while True:
+            threshold = self.options[int(torch.randint(low=0, high=len(self.options), size=(1,)))]
+            if threshold >= 1.0:  # the leave-as-is option
+                return {}
+            state = torch.get_rng_state()
+            # a trial draws 2 numbers for its size and, if its aspect ratio passes, 2 for its place
+            u = torch.rand(4 * self.trials)
+            scaled = self.min_scale + (self.max_scale - self.min_scale) * u
+            widths, heights = (orig_w * scaled).tolist(), (orig_h * scaled).tolist()
+            pos, sized = 0, []  # (trial's first place number, new_w, new_h) of the trials that pass
+            for _ in range(self.trials):
+                new_w, new_h = int(widths[pos]), int(heights[pos + 1])
+                pos += 2
+                if self.min_aspect_ratio <= new_w / new_h <= self.max_aspect_ratio:
+                    sized.append((pos, new_w, new_h))
+                    pos += 2
+            params, used = self._first_accepted(u, sized, orig_h, orig_w, xyxy, centres, threshold)
+            torch.set_rng_state(state)
+            torch.rand(used if params is not None else pos)  # exactly what v2's loop draws
+            if params is not None:
+                return params
+
+    def _first_accepted(
+        self, u: Tensor, sized: list[tuple[int, int, int]], orig_h: int, orig_w: int, xyxy: Tensor, centres: tuple[Tensor, Tensor], threshold: float
+    ) -> tuple[dict[str, Any] | None, int]:
+        """The crop of the first of ``sized`` that v2 would accept and how many numbers v2 drew up to
+        it (None, 0: none is)."""
+        if not sized:
+            return None, 0
+        place = torch.tensor([p for p, _, _ in sized])
+        spans = torch.tensor([[orig_w - w, orig_h - h] for _, w, h in sized], dtype=u.dtype)
+        lefts = [int(v) for v in (spans[:, 0] * u[place]).tolist()]
+        tops = [int(v) for v in (spans[:, 1] * u[place + 1]).tolist()]
+        crops = [(left, top, left + w, top + h) for (_, w, h), left, top in zip(sized, lefts, tops)]
+        trials = [i for i, (_, w, h) in enumerate(sized) if w > 0 and h > 0]  # 0-area crops are skipped
+        if not trials or xyxy.shape[0] == 0:
+            return None, 0
+        window = torch.tensor([crops[i] for i in trials], dtype=xyxy.dtype)  # (T, 4)
+        cx, cy = centres
+        within = (window[:, :1] < cx) & (cx < window[:, 2:3]) & (window[:, 1:2] < cy) & (cy < window[:, 3:])  # (T, G)
+        iou = box_iou(window, xyxy).masked_fill(~within, -math.inf)  # box_iou(boxes, crop) of v2, transposed
+        accepted = (within.any(dim=1) & ~(iou.amax(dim=1) < threshold)).nonzero()
+        if accepted.numel() == 0:
+            return None, 0
+        t = int(accepted[0, 0])
+        i = trials[t]
+        left, top, right, bottom = crops[i]
+        params = {"top": top, "left": left, "height": bottom - top, "width": right - left, "is_within_crop_area": within[t].clone()}
+        return params, sized[i][0] + 2
 
 
 # ---------------------------------------------------------------------- the augmentation
@@ -317,7 +384,7 @@ class Augment:
             image is zoomed in and cut, below 1 it is shrunk and the border filled. None: off.
         zoom_out: probability of ``v2.RandomZoomOut``: the image is placed at random on a canvas
             up to ``zoom_out_max`` times its sides, filled with ``fill``.
-        iou_crop: probability of ``v2.RandomIoUCrop`` (SSD: a crop of 0.3 to 1 of each side
+        iou_crop: probability of ``v2.RandomIoUCrop`` (:class:`IoUCrop`; SSD: a crop of 0.3 to 1 of each side
             whose IoU with some box reaches a threshold drawn from 0 to 0.9, or no crop, one
             time in seven).
         mosaic: probability that an image becomes a mosaic (:func:`mosaic`) of itself and
@@ -404,7 +471,7 @@ class Augment:
                 raise ValueError(f"augment.zoom_out_max is the largest canvas side / image side, >= 1, not {zoom_out_max!r}")
             steps.append(v2.RandomZoomOut(fill=fill, side_range=(1.0, float(zoom_out_max)), p=zoom_out))
         if _prob("iou_crop", iou_crop) > 0:
-            steps.append(v2.RandomApply([v2.RandomIoUCrop()], p=iou_crop))
+            steps.append(v2.RandomApply([IoUCrop()], p=iou_crop))
         if rot90:
             # Last: torchvision 0.29 leaves the canvas size of an empty BoundingBoxes unrotated
             # (rotate with expand), which a later transform asking for the size would refuse.
