@@ -335,7 +335,8 @@ def table(result: dict) -> str:
         row("one-thread step / step", "one_core_ratio", 1.0, "{:16.2f}")
         row("dense layers' speed-up", "dense_speedup", 1.0, "{:16.2f}")
     gemm = result["gemm_gflops"]
-    lines.append(f"fp32 GEMM GFLOP/s: {gemm['threads']:.0f} ({result['threads']} threads)" + (f", {gemm['one_thread']:.0f} (1 thread)" if "one_thread" in gemm else ""))
+    count = f"{result['threads']} thread{'s' if result['threads'] > 1 else ''}"
+    lines.append(f"fp32 GEMM GFLOP/s: {gemm['threads']:.0f} ({count})" + (f", {gemm['one_thread']:.0f} (1 thread)" if "one_thread" in gemm else ""))
     run = result["run"]
     lines.append(
         f"the run: {run['steps']} steps, {run['validations']} validation(s) of {run['val_images']} images: "
