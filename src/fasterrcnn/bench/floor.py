@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -57,6 +58,8 @@ from fasterrcnn.data import DetectionBatch
 from fasterrcnn.lit import FasterRCNNModule, training_targets
 from fasterrcnn.model import FasterRCNN
 from fasterrcnn.threads import set_threads
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,11 +82,12 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def dense_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of the convolutions and matrix products (forward and backward) that ``fn`` runs."""
+def dense_flops(fn: Callable[[], T]) -> tuple[float, T]:
+    """FLOPs of the convolutions and matrix products (forward and backward) that ``fn`` runs,
+    and what it returned."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+        value = fn()
+    return float(counter.get_total_flops()), value
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -227,13 +231,13 @@ def measure(module: FasterRCNNModule, cfg: DictConfig, dm, options: FloorOptions
     model.train()
     rows: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
     for i, (batch, loader_s) in enumerate(_batches(dm.train_dataloader(), options.warmup + options.images)):
-        num_rois = train_step(batch)
-        flops = dense_flops(lambda: train_step(batch))  # noqa: B023 (called at once)
+        # counted once, untimed (it also lets oneDNN build its kernels for this image size)
+        flops, num_rois = dense_flops(lambda: train_step(batch))  # noqa: B023 (called at once)
         for n in counts:
             torch.set_num_threads(n)
             row = {"step_s": timed(lambda: train_step(batch)), **dense.times(batch.images, num_rois, backward=True)}  # noqa: B023
             if i >= options.warmup:
-                rows[n].append({**row, "flops": flops, "loader_s": loader_s, "pixels": float(batch.images[0, 0].numel())})
+                rows[n].append({**row, "flops": flops, "loader_s": loader_s})
         torch.set_num_threads(threads)
 
     log(f"validation: {options.warmup} + {options.images} images ...")
@@ -247,9 +251,8 @@ def measure(module: FasterRCNNModule, cfg: DictConfig, dm, options: FloorOptions
             with torch.no_grad(), autocast():
                 return model.trace(batch.images, batch.image_sizes, batch.original_sizes, boxes, labels, detect=True, num_proposals=evaluator.max_proposals)
 
-        trace = val_step()
+        flops, trace = dense_flops(val_step)
         num_rois = int(trace.training.rois.shape[0] + trace.testing.rois.shape[0])  # type: ignore[union-attr]
-        flops = dense_flops(val_step)
         for n in counts:
             torch.set_num_threads(n)
             row = {"step_s": timed(val_step), **dense.times(batch.images, num_rois, backward=False)}
@@ -314,10 +317,12 @@ def table(result: dict) -> str:
     lines = [f"{'':28}{'training step':>16}{'validation image':>18}"]
     train, val = result["train"], result["validation"]
 
-    def row(label: str, key: str, scale: float = 1000.0, fmt: str = "{:16.1f}", sub: str | None = None) -> None:
-        a, b = (train.get(sub, {}) if sub else train).get(key), (val.get(sub, {}) if sub else val).get(key)
-        cell = lambda v, width: (fmt.replace("16", str(width)).format(v * scale) if v is not None else f"{'-':>{width}}")  # noqa: E731
-        lines.append(f"{label:28}{cell(a, 16)}{cell(b, 18)}")
+    def row(label: str, key: str, scale: float = 1000.0, decimals: int = 1, suffix: str = "", sub: str | None = None) -> None:
+        cells = []
+        for part, width in ((train, 16), (val, 18)):
+            value = (part.get(sub, {}) if sub else part).get(key)
+            cells.append(f"{value * scale:{width - len(suffix)}.{decimals}f}{suffix}" if value is not None else f"{'-':>{width}}")
+        lines.append(f"{label:28}" + "".join(cells))
 
     row("whole step (ms)", "step_s")
     row("loader (ms)", "loader_s")
@@ -325,15 +330,15 @@ def table(result: dict) -> str:
     row("  trunk", "trunk")
     row("  RPN head", "rpn_head")
     row("  RoI head layers", "roi_head_layers")
-    row("dense GFLOP", "flops", 1e-9, "{:16.2f}")
+    row("dense GFLOP", "flops", 1e-9, 2)
     row("dense GFLOP/s", "dense_gflops", 1.0)
-    row("dense share of the step", "dense_share", 100.0, "{:15.1f}%")
-    row("RPN head's share", "rpn_head_share", 100.0, "{:15.1f}%")
+    row("dense share of the step", "dense_share", 100.0, suffix="%")
+    row("RPN head's share", "rpn_head_share", 100.0, suffix="%")
     if "one_thread" in train:
         row("one thread: whole step (ms)", "step_s", sub="one_thread")
         row("one thread: dense (ms)", "dense_s", sub="one_thread")
-        row("one-thread step / step", "one_core_ratio", 1.0, "{:16.2f}")
-        row("dense layers' speed-up", "dense_speedup", 1.0, "{:16.2f}")
+        row("one-thread step / step", "one_core_ratio", 1.0, 2)
+        row("dense layers' speed-up", "dense_speedup", 1.0, 2)
     gemm = result["gemm_gflops"]
     count = f"{result['threads']} thread{'s' if result['threads'] > 1 else ''}"
     lines.append(f"fp32 GEMM GFLOP/s: {gemm['threads']:.0f} ({count})" + (f", {gemm['one_thread']:.0f} (1 thread)" if "one_thread" in gemm else ""))
