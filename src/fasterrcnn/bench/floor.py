@@ -135,47 +135,41 @@ def _grads(*outputs: Tensor) -> None:
     torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
 
-class _Dense:
-    """The detector's dense layers alone, on one batch: forward (and backward) of the trunk, the
-    RPN head and the RoI head's layers, each timed on its own."""
+def dense_times(model: FasterRCNN, autocast: Callable, images: Tensor, num_rois: int, backward: bool) -> dict[str, float]:
+    """Seconds of the detector's dense layers alone on one batch, each timed on its own: the
+    trunk, the RPN head on the trunk's features, the RoI head's layers on ``num_rois`` pooled
+    RoIs; forward, and backward when ``backward`` (the gradients a training step computes)."""
+    head = model.roi_head
+    if model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    out: dict[str, float] = {}
+    with torch.enable_grad() if backward else torch.no_grad():
+        start = time.perf_counter()
+        with autocast():
+            features = model.trunk(images)
+        if backward:
+            _grads(features)
+        out["trunk"] = time.perf_counter() - start
+        features = features.detach().requires_grad_(backward)  # the RPN head's input, as in a step
+        s = head.roi_size
+        pooled = features.new_empty(num_rois, features.shape[1], s, s).normal_().float().requires_grad_(backward)
 
-    def __init__(self, model: FasterRCNN, autocast: Callable) -> None:
-        self.model, self.autocast = model, autocast
+        def rpn_head() -> None:
+            with autocast():
+                logits, deltas = model.rpn(features)
+            if backward:
+                _grads(logits, deltas)
 
-    def times(self, images: Tensor, num_rois: int, backward: bool) -> dict[str, float]:
-        model, head = self.model, self.model.roi_head
-        if model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        grad = torch.enable_grad() if backward else torch.no_grad()
-        with grad:
-            with torch.no_grad(), self.autocast():
-                features = model.trunk(images)
-            features = features.detach().requires_grad_(backward)
-            s = head.roi_size
-            pooled = features.new_empty(num_rois, features.shape[1], s, s).normal_().float().requires_grad_(backward)
+        def roi_head_layers() -> None:
+            with autocast():
+                x = head.head(pooled)
+                logits, deltas = head.cls_score(x), head.bbox_pred(x)
+            if backward:
+                _grads(logits, deltas)
 
-            def trunk() -> None:
-                with self.autocast():
-                    out = model.trunk(images)
-                if backward:
-                    _grads(out)
-
-            def rpn_head() -> None:
-                with self.autocast():
-                    logits, deltas = model.rpn(features)
-                if backward:
-                    _grads(logits, deltas)
-
-            def roi_head_layers() -> None:
-                with self.autocast():
-                    x = head.head(pooled)
-                    logits, deltas = head.cls_score(x), head.bbox_pred(x)
-                if backward:
-                    _grads(logits, deltas)
-
-            out = {name: timed(fn) for name, fn in (("trunk", trunk), ("rpn_head", rpn_head), ("roi_head_layers", roi_head_layers))}
-        model.zero_grad(set_to_none=True)
-        return out
+        out["rpn_head"], out["roi_head_layers"] = timed(rpn_head), timed(roi_head_layers)
+    model.zero_grad(set_to_none=True)
+    return out
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -213,7 +207,6 @@ def measure(module: FasterRCNNModule, cfg: DictConfig, dm, options: FloorOptions
     """The training and validation figures of the module docstring (``train``, ``validation``)."""
     model: FasterRCNN = module.model
     autocast = harness.autocast_factory(str(cfg.trainer.precision), torch.device("cpu"))
-    dense = _Dense(model, autocast)
     optimizer = module.configure_optimizers()["optimizer"]
     counts = [threads, 1] if threads > 1 else [threads]
 
@@ -235,7 +228,7 @@ def measure(module: FasterRCNNModule, cfg: DictConfig, dm, options: FloorOptions
         flops, num_rois = dense_flops(lambda: train_step(batch))  # noqa: B023 (called at once)
         for n in counts:
             torch.set_num_threads(n)
-            row = {"step_s": timed(lambda: train_step(batch)), **dense.times(batch.images, num_rois, backward=True)}  # noqa: B023
+            row = {"step_s": timed(lambda: train_step(batch)), **dense_times(model, autocast, batch.images, num_rois, backward=True)}  # noqa: B023
             if i >= options.warmup:
                 rows[n].append({**row, "flops": flops, "loader_s": loader_s})
         torch.set_num_threads(threads)
@@ -255,7 +248,7 @@ def measure(module: FasterRCNNModule, cfg: DictConfig, dm, options: FloorOptions
         num_rois = int(trace.training.rois.shape[0] + trace.testing.rois.shape[0])  # type: ignore[union-attr]
         for n in counts:
             torch.set_num_threads(n)
-            row = {"step_s": timed(val_step), **dense.times(batch.images, num_rois, backward=False)}
+            row = {"step_s": timed(val_step), **dense_times(model, autocast, batch.images, num_rois, backward=False)}
             if i >= options.warmup:
                 val_rows[n].append({**row, "flops": flops, "rois": float(num_rois)})
         torch.set_num_threads(threads)
@@ -352,4 +345,4 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FloorOptions", "dense_flops", "gemm_gflops", "measure", "project_run", "run", "run_counts", "table"]
+__all__ = ["FloorOptions", "dense_flops", "dense_times", "gemm_gflops", "measure", "project_run", "run", "run_counts", "table"]
